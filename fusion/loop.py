@@ -1,0 +1,126 @@
+"""The fusion loop over workers: propose, assess, select, commit (DESIGN.md 1.1-1.5).
+
+`segments(run)` yields one `RawStep` per selected segment for Cool (common boundaries),
+Cool-align (each proposer stops at its own word boundary) and a single model (k=1).
+`rerank(...)` scores whole continuations. Nothing here knows about stop strings or
+max_tokens: the engine applies those to the text this yields.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .errors import Cancelled
+from .types import Candidate
+from .worker import ModelWorker, Proposal, State
+
+
+@dataclass
+class RawStep:
+    text: str
+    winner: str
+    eos: bool
+    candidates: tuple[Candidate, ...]
+
+
+@dataclass
+class Run:
+    """One request's states on its participating workers (in config order)."""
+
+    workers: list[ModelWorker]
+    states: list[State]
+    end_ids: list[int]  # per worker: the token that ends its turn, scored after an EOS candidate
+    pool: ThreadPoolExecutor | None
+    cancel: threading.Event | None
+    max_segment_tokens: int
+    score_mode: str = "mean_nll"
+    align: bool = True  # False: Cool-align ablation, proposals end at their own word boundary
+    timings: dict = field(default_factory=lambda: {"propose": 0.0, "score": 0.0, "commit": 0.0})
+    steps: int = 0
+    agreed: int = 0
+
+    def each(self, fn):
+        """fn(worker, state) for every worker, in parallel when a pool is configured."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("generation cancelled")
+        pairs = list(zip(self.workers, self.states))
+        if self.pool is None or len(pairs) == 1:
+            return [fn(w, s) for w, s in pairs]
+        futures = [self.pool.submit(fn, w, s) for w, s in pairs]
+        return [f.result() for f in futures]
+
+
+def _timed(run: Run, phase: str, fn):
+    import time
+
+    t = time.perf_counter()
+    out = run.each(fn)
+    run.timings[phase] += time.perf_counter() - t
+    return out
+
+
+def propose(run: Run) -> list[Proposal]:
+    every = [w.words for w in run.workers]
+    return _timed(run, "propose", lambda w, s: w.propose(s, every if run.align else [w.words], run.max_segment_tokens))
+
+
+def assess(run: Run, proposals: list[Proposal]) -> list[Candidate]:
+    """Deduplicate; if more than one distinct candidate remains, every model scores every one."""
+    keys: dict[tuple[str, bool], list[str]] = {}
+    for w, p in zip(run.workers, proposals):
+        keys.setdefault((p.text, p.eos), []).append(w.name)
+    if len(keys) == 1:
+        (text, eos), by = next(iter(keys.items()))
+        return [Candidate(text, tuple(by), eos)]
+    cands = list(keys)
+    ppls = _timed(run, "score", lambda w, s: w.score(s, cands, end_id=run.end_ids[run.workers.index(w)], mode=run.score_mode))
+    out = []
+    for j, (text, eos) in enumerate(cands):
+        ppl = {w.name: ppls[i][j] for i, w in enumerate(run.workers)}
+        out.append(Candidate(text, tuple(keys[(text, eos)]), eos, ppl, sum(ppl.values()) / len(ppl)))
+    return out
+
+
+def select(cands: list[Candidate]) -> Candidate:
+    """argmin of mean PPL (Eq. 3); ties go to the earlier proposer (candidates are in config
+    order of their first proposer)."""
+    if len(cands) == 1:
+        return cands[0]
+    return min(cands, key=lambda c: c.mean_ppl)  # min keeps the first of equal keys
+
+
+def commit(run: Run, winner: Candidate) -> None:
+    _timed(run, "commit", lambda w, s: w.commit(s, winner.text, winner.eos))
+
+
+def segments(run: Run):
+    """Yield RawSteps until a winner carries EOS (the engine stops earlier on budget/stop)."""
+    while True:
+        proposals = propose(run)
+        cands = assess(run, proposals)
+        win = select(cands)
+        run.steps += 1
+        run.agreed += len(cands) == 1
+        if not win.eos:
+            commit(run, win)
+        yield RawStep(win.text, win.proposed_by[0], win.eos, tuple(cands))
+        if win.eos:
+            return
+
+
+def rerank(run: Run, continuations: list[tuple[str, bool, tuple[str, ...]]]) -> RawStep:
+    """Every model scores every whole continuation from the prompt; lowest mean PPL wins.
+    `continuations` are (text, eos, proposed_by) in tie-break order."""
+    merged: dict[tuple[str, bool], list[str]] = {}
+    for text, eos, by in continuations:
+        merged.setdefault((text, eos), []).extend(b for b in by if b not in merged.get((text, eos), []))
+    keys = list(merged)
+    ppls = _timed(run, "score", lambda w, s: w.score(s, keys, end_id=run.end_ids[run.workers.index(w)], mode=run.score_mode))
+    cands = []
+    for j, (text, eos) in enumerate(keys):
+        ppl = {w.name: ppls[i][j] for i, w in enumerate(run.workers)}
+        cands.append(Candidate(text, tuple(merged[(text, eos)]), eos, ppl, sum(ppl.values()) / len(ppl)))
+    win = min(cands, key=lambda c: c.mean_ppl)
+    return RawStep(win.text, win.proposed_by[0], win.eos, tuple(cands))

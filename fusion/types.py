@@ -1,0 +1,69 @@
+"""Plain data crossing the engine's public boundary: requests in, steps out.
+
+`engine.generate(request)` yields `Step`s; `Step.candidates` is the fusion trace of that step.
+Everything here is text and numbers, so it serialises as-is (`dataclasses.asdict`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Model ids of the fused variants (DESIGN.md section 1, "Variants").
+COOL = "cool-fusion"
+COOL_RERANK = "cool-fusion-rerank"
+RERANK = "rerank"
+COOL_NOALIGN = "cool-fusion-noalign"
+VARIANTS = (COOL, COOL_RERANK, RERANK, COOL_NOALIGN)
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation. Exactly one of `prompt` (completion) or `messages` (chat) is set.
+
+    `model` is a variant id (VARIANTS) or a source model's config name.
+    `max_tokens` counts tokens of the reference tokenizer (the first configured model's).
+    """
+
+    prompt: str | None = None
+    messages: tuple[Message, ...] | None = None
+    model: str = COOL
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    trace: bool = False
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One distinct candidate of a step, as assessed by every source model."""
+
+    text: str
+    proposed_by: tuple[str, ...]
+    eos: bool = False
+    ppl: dict[str, float] = field(default_factory=dict)  # model name -> perplexity
+    mean_ppl: float | None = None  # None when scoring was skipped (all proposals agreed)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One selected segment.
+
+    `text` is what the client should append now (already cut at a stop string or at
+    max_tokens). `finish_reason` is None until the last step, then "stop" or "length".
+    """
+
+    text: str
+    winner: str
+    eos: bool
+    candidates: tuple[Candidate, ...]
+    finish_reason: str | None = None
+    completion_tokens: int = 0  # reference-tokenizer tokens of the whole output so far
+    prompt_tokens: int = 0  # reference-tokenizer tokens of the prompt

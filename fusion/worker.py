@@ -1,0 +1,399 @@
+"""A source-model worker: one model, its KV caches, and the paper's Table 1 interface.
+
+    open(prompt_ids) -> state       propose(state, ...) -> Proposal
+    score(state, candidates) -> NLLs    commit(state, text)    close(state)
+
+Only text and numbers cross this boundary, so the fusion loop can drive local workers or
+remote ones alike. Per request, a `State` holds the model's token sequence
+`ids = prompt + T(G) + lookahead` and a KV cache holding the first `kv_len` of them.
+The cache is never rebuilt from scratch after `open`:
+
+- propose decodes from the committed state; tokens decoded past the cut are *lookahead*,
+  kept in `ids` and reused next step if this proposal wins (paper 2.4);
+- score appends every candidate, as one block each, to the cache in ONE forward pass, with a
+  block attention mask and per-block position ids (paper 2.4), so no cache is copied;
+- commit keeps what it can: the lookahead (own proposal won), else the winner's scored block
+  moved into place, else the longest common prefix (the rest is fed lazily, once);
+- T(G) is kept incrementally: only the tail is re-tokenized (`retokenize_tail`).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .words import REPLACEMENT, WordStarts, first_boundary
+
+
+@dataclass
+class Proposal:
+    text: str  # the candidate segment s_u
+    eos: bool  # the model ended its turn right after `text`
+    n_tokens: int | None  # proposal tokens that decode to `text` (None: no token boundary there)
+    logprobs: list[float]  # log p of those tokens under the model (temperature 1)
+    capped: bool = False  # ended by max_segment_tokens, not at a boundary
+
+
+@dataclass
+class _Block:
+    """One candidate scored in the cache: its tokens sit at cache slots [slot, slot+len)."""
+
+    slot: int
+    tokens: list[int]  # anchor token (position start-1) followed by the candidate's new tokens
+    start: int  # sequence position of tokens[1]
+    last_logits: torch.Tensor  # (V,) next-token logits after the block
+
+
+@dataclass
+class State:
+    """One request's view of one model."""
+
+    prompt_ids: list[int]
+    cache: object  # transformers DynamicCache
+    generator: torch.Generator | None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    g_text: str = ""  # G, the shared generated text
+    g_ids: list[int] = field(default_factory=list)  # T(G)
+    g_starts: list[int] = field(default_factory=list)  # char offset in G where each g token starts
+    ids: list[int] = field(default_factory=list)  # prompt + g_ids + lookahead
+    la_logprobs: list[float] = field(default_factory=list)  # log p of the lookahead tokens
+    kv_len: int = 0  # leading tokens of `ids` held in `cache`
+    logits: torch.Tensor | None = None  # (V,) next-token logits after ids[:kv_len]
+    proposal: Proposal | None = None
+    blocks: dict = field(default_factory=dict)  # (text, eos) -> _Block, between score and commit
+    closed: bool = False
+
+    @property
+    def committed_len(self) -> int:
+        return len(self.prompt_ids) + len(self.g_ids)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class ModelWorker:
+    """Owns one loaded model and tokenizer; every method takes the request's `State`."""
+
+    def __init__(self, name, model, tokenizer, *, end_ids, chat_end_ids=(), context_limit, device):
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.words = WordStarts(tokenizer)
+        self.device = device
+        self.end_ids = frozenset(end_ids)  # tokens that end a proposal (EOS, end of turn)
+        self.primary_end = list(end_ids)[0]
+        self.chat_end = list(chat_end_ids)[0] if chat_end_ids else self.primary_end
+        self.context_limit = context_limit
+        self.lock = threading.RLock()  # one forward at a time on this model
+        self._backend = tokenizer.backend_tokenizer
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self._layer_types = tuple(getattr(cfg, "layer_types", None) or ())
+        self._sliding = getattr(cfg, "sliding_window", None)
+        self.forward_tokens = 0  # tokens fed through the model (for the benchmark)
+
+    # ---- tokenizer helpers -------------------------------------------------------------
+
+    def encode(self, text: str, *, special: bool = False) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=special).ids
+
+    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+        enc = self._backend.encode(text, add_special_tokens=False)
+        return enc.ids, [s for s, _ in enc.offsets]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def retokenize_tail(self, st: State, text: str) -> tuple[int, list[int], list[int]]:
+        """T(G + text) as (keep, tail_ids, tail_starts): g_ids[:keep] + tail_ids.
+
+        Re-tokenizes only from a restart token a few tokens back. The restart is accepted
+        when re-tokenizing from it reproduces the token that was there (a stable boundary);
+        otherwise it moves further back. Returned starts are offsets in the new G."""
+        new_g = st.g_text + text
+        back = 8
+        while True:
+            r = max(0, len(st.g_ids) - back)
+            while 0 < r < len(st.g_ids) and st.g_starts[r] == st.g_starts[r - 1]:
+                r -= 1  # never restart inside a character split over byte tokens
+            c0 = st.g_starts[r] if r < len(st.g_ids) else len(st.g_text)
+            ids, starts = self.encode_with_starts(new_g[c0:])
+            if r == 0 or (ids and r < len(st.g_ids) and ids[0] == st.g_ids[r]):
+                return r, ids, [c0 + s for s in starts]
+            back *= 2
+
+    # ---- KV cache primitives -------------------------------------------------------------
+
+    def _forward(self, st: State, tokens: list[int], positions=None, mask=None) -> torch.Tensor:
+        """Feed `tokens` after the cache's current contents; returns logits (T, V)."""
+        past = st.cache.get_seq_length()
+        inp = torch.tensor([tokens], device=self.device)  # (1, T)
+        kwargs = {}
+        if positions is not None:
+            kwargs["position_ids"] = torch.tensor([positions], device=self.device)
+        else:
+            kwargs["position_ids"] = torch.arange(past, past + len(tokens), device=self.device)[None]
+        kwargs["cache_position"] = torch.arange(past, past + len(tokens), device=self.device)
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        with torch.inference_mode():
+            out = self.model(input_ids=inp, past_key_values=st.cache, use_cache=True, **kwargs)
+        self.forward_tokens += len(tokens)
+        return out.logits[0].float()  # (T, V)
+
+    @staticmethod
+    def _truncate(cache, n: int) -> None:
+        cur = cache.get_seq_length()
+        if cur > n:
+            _crop_layers(cache, n)
+
+    def _sync(self, st: State) -> None:
+        """Make the cache hold all of `ids` and `logits` the next-token distribution."""
+        if st.kv_len == len(st.ids) and st.logits is not None:
+            return
+        if st.kv_len == len(st.ids):  # logits unknown: re-feed the last token
+            st.kv_len -= 1
+        self._truncate(st.cache, st.kv_len)
+        logits = self._forward(st, st.ids[st.kv_len :])
+        st.kv_len = len(st.ids)
+        st.logits = logits[-1]
+
+    # ---- Table 1 -------------------------------------------------------------------------
+
+    def open(self, prompt_ids: list[int], *, temperature=0.0, top_p=1.0, seed=None) -> State:
+        from transformers import DynamicCache
+
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(seed if seed is not None else torch.seed())
+        # A plain DynamicCache (all layers full, croppable); sliding-window layers still get
+        # their window through the attention mask.
+        return State(
+            prompt_ids=list(prompt_ids), cache=DynamicCache(), generator=gen,
+            temperature=temperature, top_p=top_p, ids=list(prompt_ids),
+        )
+
+    def close(self, st: State) -> None:
+        st.closed = True
+        st.cache = None
+        st.logits = None
+        st.blocks.clear()
+
+    def _sample(self, st: State, logits: torch.Tensor) -> tuple[int, float]:
+        logp = torch.log_softmax(logits, -1)  # (V,)
+        if st.temperature <= 0:
+            tok = int(torch.argmax(logits))
+        else:
+            probs = torch.softmax(logits / st.temperature, -1)
+            if st.top_p < 1.0:
+                sp, si = torch.sort(probs, descending=True)
+                keep = torch.cumsum(sp, -1) - sp < st.top_p
+                probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+            tok = int(torch.multinomial(probs.cpu(), 1, generator=st.generator))
+        return tok, float(logp[tok])
+
+    def propose(self, st: State, splitters: list[WordStarts], max_tokens: int) -> Proposal:
+        """Decode from the committed state until the text has a word boundary common to all
+        `splitters` (p > 0), the model ends its turn, or `max_tokens` tokens were decoded."""
+        with self.lock:
+            base = st.committed_len
+            toks = st.ids[base:]  # lookahead from the last step
+            logps = list(st.la_logprobs)
+            ends: list[int | None] = []  # char length of decode(toks[:i+1]) when complete
+            for i in range(len(toks)):
+                t = self.decode(toks[: i + 1])
+                ends.append(None if t.endswith(REPLACEMENT) else len(t))
+            prop = self._cut(toks, logps, ends, splitters)
+            while prop is None:
+                self._sync(st)
+                tok, lp = self._sample(st, st.logits)
+                if tok in self.end_ids:
+                    text = self.decode(toks)
+                    whole = not text.endswith(REPLACEMENT)
+                    prop = Proposal(_complete(text), True, len(toks) if whole else None, logps)
+                    break
+                toks.append(tok)
+                logps.append(lp)
+                st.ids.append(tok)
+                t = self.decode(toks)
+                ends.append(None if t.endswith(REPLACEMENT) else len(t))
+                prop = self._cut(toks, logps, ends, splitters)
+                if prop is None and len(toks) >= max_tokens:
+                    n = max((i + 1 for i, e in enumerate(ends) if e is not None), default=0)
+                    if n:  # never an empty candidate: go on until a character is complete
+                        prop = Proposal(self.decode(toks[:n]), False, n, logps[:n], capped=True)
+            st.la_logprobs = logps
+            st.proposal = prop
+            return prop
+
+    def _cut(self, toks, logps, ends, splitters) -> Proposal | None:
+        if not toks or ends[-1] is None:
+            return None
+        text = self.decode(toks)
+        p = first_boundary(text, splitters)
+        if p is None:
+            return None
+        n = next((i + 1 for i, e in enumerate(ends) if e == p), None)
+        return Proposal(text[:p], False, n, logps[:n] if n else [])
+
+    def _candidate_ids(self, st: State, text: str, eos: bool, end_id: int) -> tuple[list[int], int]:
+        """The model's full token sequence after committing `text` (plus its end token when
+        `eos`), and p: how many leading tokens it shares with the committed sequence."""
+        keep, tail, _ = self.retokenize_tail(st, text)
+        target = st.prompt_ids + st.g_ids[:keep] + tail + ([end_id] if eos else [])
+        p = len(st.prompt_ids) + keep + common_prefix(st.g_ids[keep:], tail)
+        return target, p
+
+    def score(self, st: State, candidates: list[tuple[str, bool]], *, end_id: int | None = None,
+              mode: str = "mean_nll") -> list[float]:
+        """PPL of each candidate in context: exp(mean NLL) of the candidate's new tokens
+        (`nll_sum`: exp of the sum). One forward pass for all candidates that need one."""
+        end_id = self.primary_end if end_id is None else end_id
+        with self.lock:
+            self._sync(st)
+            base = st.committed_len
+            nlls: list[list[float] | None] = []
+            todo = []  # (index, target, p)
+            for i, (text, eos) in enumerate(candidates):
+                target, p = self._candidate_ids(st, text, eos, end_id)
+                own = st.proposal
+                if (own is not None and own.text == text and own.eos == eos and own.n_tokens is not None
+                        and p == base and target[base:] == st.ids[base : base + own.n_tokens]):
+                    if not eos:  # an end token's log-prob needs the state after the text: a block
+                        nlls.append([-x for x in own.logprobs])
+                        continue
+                nlls.append(None)
+                todo.append((i, target, p))
+            if todo:
+                self._score_blocks(st, todo, nlls, candidates)
+            out = []
+            for v in nlls:
+                if not v:  # nothing new to score (an empty candidate): never preferred
+                    out.append(float("inf"))
+                    continue
+                s = sum(v)
+                out.append(math.exp(s / len(v)) if mode == "mean_nll" else math.exp(min(s, 700.0)))
+            return out
+
+    def _score_blocks(self, st: State, todo, nlls, candidates) -> None:
+        kv = st.kv_len
+        blocks, positions = [], []
+        for i, target, p in todo:
+            blk = target[p - 1 :]  # anchor token at position p-1, then the new tokens
+            blocks.append((i, blk, p))
+            positions.extend(range(p - 1, p - 1 + len(blk)))
+        T = len(positions)
+        mask = self._block_mask(kv, blocks, T)
+        tokens = [t for _, blk, _ in blocks for t in blk]
+        logits = self._forward(st, tokens, positions=positions, mask=mask)  # (T, V)
+        off = 0
+        for i, blk, p in blocks:
+            L = len(blk)
+            rows = torch.log_softmax(logits[off : off + L - 1], -1)  # (L-1, V)
+            tgt = torch.tensor(blk[1:], device=rows.device)
+            nlls[i] = (-rows.gather(1, tgt[:, None])[:, 0]).tolist()
+            text, eos = candidates[i]
+            st.blocks[(text, eos)] = _Block(kv + off, blk, p, logits[off + L - 1].clone())
+            off += L
+
+    def _block_mask(self, kv: int, blocks, T: int):
+        """(1, 1, T, kv+T) additive mask: block tokens see the committed prefix before their
+        anchor and their own block causally (and, on sliding layers, only the window)."""
+        dtype = self.model.dtype
+        neg = torch.finfo(dtype).min
+        q_pos = torch.empty(T, dtype=torch.long)
+        allow = torch.zeros(T, kv + T, dtype=torch.bool)
+        k_pos = torch.cat([torch.arange(kv), torch.empty(T, dtype=torch.long)])
+        off = 0
+        for _, blk, p in blocks:
+            L = len(blk)
+            pos = torch.arange(p - 1, p - 1 + L)
+            q_pos[off : off + L] = pos
+            k_pos[kv + off : kv + off + L] = pos
+            allow[off : off + L, : p - 1] = True
+            allow[off : off + L, kv + off : kv + off + L] = torch.tril(torch.ones(L, L, dtype=torch.bool))
+            off += L
+
+        def to_mask(a):
+            m = torch.zeros(T, kv + T, dtype=dtype)
+            m.masked_fill_(~a, neg)
+            return m[None, None].to(self.device)
+
+        full = to_mask(allow)
+        if self._sliding and "sliding_attention" in self._layer_types:
+            win = allow & (q_pos[:, None] - k_pos[None, :] < self._sliding)
+            return {"full_attention": full, "sliding_attention": to_mask(win)}
+        return full
+
+    def commit(self, st: State, text: str, eos: bool = False) -> None:
+        """Append the selected `text` to G, reusing every KV entry already computed."""
+        with self.lock:
+            keep, tail, tail_starts = self.retokenize_tail(st, text)
+            new_g = st.g_ids[:keep] + tail
+            target = st.prompt_ids + new_g
+            block = None if eos else st.blocks.get((text, eos))
+            if st.ids[: len(target)] == target:  # own proposal won: keep its lookahead
+                _crop_layers(st.cache, st.kv_len)
+                st.la_logprobs = st.la_logprobs[len(target) - st.committed_len :]
+            elif block is not None:  # move the winner's scored block into place
+                n = len(block.tokens) - 1
+                _move_slots(st.cache, block.slot + 1, block.start, n)
+                _crop_layers(st.cache, block.start + n)
+                st.ids, st.kv_len, st.logits, st.la_logprobs = list(target), len(target), block.last_logits, []
+            else:  # keep the common prefix; the rest is fed lazily by the next propose/score
+                common = common_prefix(st.ids[: st.kv_len], target)
+                _crop_layers(st.cache, common)
+                st.ids, st.kv_len, st.logits, st.la_logprobs = list(target), common, None, []
+            st.g_text += text
+            st.g_starts = st.g_starts[:keep] + tail_starts
+            st.g_ids = new_g
+            st.proposal = None
+            st.blocks.clear()
+
+    def fresh_logits(self, st: State) -> torch.Tensor:
+        """Next-token logits from a fresh prefill of `ids` without any cache (for tests)."""
+        with self.lock, torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([st.ids], device=self.device))
+        return out.logits[0, -1].float()
+
+    def cached_logits(self, st: State) -> torch.Tensor:
+        with self.lock:
+            self._sync(st)
+            return st.logits
+
+
+def _complete(text: str) -> str:
+    """Drop a trailing incomplete UTF-8 sequence."""
+    return text.rstrip(REPLACEMENT) if text.endswith(REPLACEMENT) else text
+
+
+def _crop_layers(cache, n: int) -> None:
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is not None and layer.keys.numel() and layer.keys.shape[-2] > n:
+            layer.keys = layer.keys[..., :n, :]
+            layer.values = layer.values[..., :n, :]
+
+
+def _move_slots(cache, src: int, dst: int, n: int) -> None:
+    """Copy cache slots [src, src+n) to [dst, dst+n) in every layer (src >= dst)."""
+    if src == dst or n <= 0:
+        return
+    with torch.inference_mode():
+        _move_layers(cache, src, dst, n)
+
+
+def _move_layers(cache, src: int, dst: int, n: int) -> None:
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or not layer.keys.numel():
+            continue
+        layer.keys[..., dst : dst + n, :] = layer.keys[..., src : src + n, :].clone()
+        layer.values[..., dst : dst + n, :] = layer.values[..., src : src + n, :].clone()
