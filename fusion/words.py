@@ -56,14 +56,15 @@ def common_starts(text: str, splitters: Sequence[WordStarts]) -> list[int]:
     return sorted(set.intersection(*sets)) if sets else []
 
 
-def first_boundary(text: str, splitters: Sequence[WordStarts]) -> int | None:
+def first_boundary(text: str, splitters: Sequence[WordStarts], allowed=None) -> int | None:
     """The aligned-segment cut of a proposal: the smallest p > 0 that is a word start of `text`
     under every tokenizer. A word start means the next word has begun, so the word ending at p
     is complete for everybody (paper: "not the" -> "not"). None while no such p exists, or
-    while the text ends in an incomplete UTF-8 sequence."""
+    while the text ends in an incomplete UTF-8 sequence. `allowed` restricts p to the
+    proposer's own token boundaries, so that its tokens up to p can be kept as they are."""
     if not text or text.endswith(REPLACEMENT):
         return None
     for p in common_starts(text, splitters):
-        if p > 0:
+        if p > 0 and (allowed is None or p in allowed):
             return p
     return None

@@ -35,6 +35,7 @@ class Proposal:
     n_tokens: int | None  # proposal tokens that decode to `text` (None: no token boundary there)
     logprobs: list[float]  # log p of those tokens under the model (temperature 1)
     capped: bool = False  # ended by max_segment_tokens, not at a boundary
+    starts: list[int] = field(default_factory=list)  # char offset in `text` where each token starts
 
 
 @dataclass
@@ -230,7 +231,7 @@ class ModelWorker:
                 if prop is None and len(toks) >= max_tokens:
                     n = max((i + 1 for i, e in enumerate(ends) if e is not None), default=0)
                     if n:  # never an empty candidate: go on until a character is complete
-                        prop = Proposal(self.decode(toks[:n]), False, n, logps[:n], capped=True)
+                        prop = Proposal(self.decode(toks[:n]), False, n, logps[:n], True, _starts(ends[:n]))
             st.la_logprobs = logps
             st.proposal = prop
             return prop
@@ -239,11 +240,11 @@ class ModelWorker:
         if not toks or ends[-1] is None:
             return None
         text = self.decode(toks)
-        p = first_boundary(text, splitters)
+        p = first_boundary(text, splitters, allowed={e for e in ends if e is not None})
         if p is None:
             return None
-        n = next((i + 1 for i, e in enumerate(ends) if e == p), None)
-        return Proposal(text[:p], False, n, logps[:n] if n else [])
+        n = next(i + 1 for i, e in enumerate(ends) if e == p)
+        return Proposal(text[:p], False, n, logps[:n], False, _starts(ends[:n]))
 
     def _candidate_ids(self, st: State, text: str, eos: bool, end_id: int) -> tuple[list[int], int]:
         """The model's full token sequence after committing `text` (plus its end token when
@@ -337,11 +338,24 @@ class ModelWorker:
     def commit(self, st: State, text: str, eos: bool = False) -> None:
         """Append the selected `text` to G, reusing every KV entry already computed."""
         with self.lock:
+            own = st.proposal
+            if own is not None and own.text == text and not own.eos and not eos and own.n_tokens:
+                # own proposal won: keep the tokens it generated (so a model fused with itself
+                # decodes exactly as alone) and the lookahead beyond them
+                base, n = st.committed_len, own.n_tokens
+                _crop_layers(st.cache, st.kv_len)
+                st.la_logprobs = st.la_logprobs[n:]
+                st.g_starts = st.g_starts + [len(st.g_text) + s for s in own.starts]
+                st.g_ids = st.g_ids + st.ids[base : base + n]
+                st.g_text += text
+                st.proposal = None
+                st.blocks.clear()
+                return
             keep, tail, tail_starts = self.retokenize_tail(st, text)
             new_g = st.g_ids[:keep] + tail
             target = st.prompt_ids + new_g
             block = None if eos else st.blocks.get((text, eos))
-            if st.ids[: len(target)] == target:  # own proposal won: keep its lookahead
+            if st.ids[: len(target)] == target:  # the lookahead already holds these tokens
                 _crop_layers(st.cache, st.kv_len)
                 st.la_logprobs = st.la_logprobs[len(target) - st.committed_len :]
             elif block is not None:  # move the winner's scored block into place
@@ -369,6 +383,16 @@ class ModelWorker:
         with self.lock:
             self._sync(st)
             return st.logits
+
+
+def _starts(ends: list[int | None]) -> list[int]:
+    """Char offset where each token starts, from the decoded length after each token."""
+    out, last = [], 0
+    for e in ends:
+        out.append(last)
+        if e is not None:
+            last = e
+    return out
 
 
 def _complete(text: str) -> str:

@@ -1,0 +1,38 @@
+"""Shared fixtures: the real embedded pair, loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "config.yaml"
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def config():
+    from fusion.config import load_config
+
+    return load_config(CONFIG)
+
+
+@pytest.fixture(scope="session")
+def engine(config):
+    """The real engine on the two embedded models (SmolLM2-135M-Instruct + Gemma 3 270M)."""
+    from fusion.engine import Engine
+
+    return Engine.from_config(config)
+
+
+@pytest.fixture(scope="session")
+def tokenizers(config):
+    """The two real tokenizers without the models (cheap once cached)."""
+    from fusion.loading import load_tokenizer, resolve_source
+
+    return [load_tokenizer(resolve_source(m)) for m in config.models]
