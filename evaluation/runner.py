@@ -16,6 +16,12 @@ One results line:
 
 Perplexity of an answer as judged by the source models (paper Table 3, first row)
 ------------------------------------------------------------------------------
+Each request asks the server to judge the answer (`"fusion": {"judge": true}`): every
+source model scores the whole answer after the prompt, and the choice's `fusion_judge`
+carries `{"ppl": {model: value}, "mean_ppl"}`. `ppl(answer)` is that `mean_ppl`, the same
+measure for every model id (source models, Cool, Rerank). Only when a server gives no
+`fusion_judge` does the runner fall back to the trace, as follows.
+
 Each request asks for the fusion trace (`"fusion": {"trace": true}` in the request body;
 `--no-trace` leaves it out for servers without that extension). The response's
 `fusion_trace` is a list of steps, each with the `candidates` of that step (`text`,
@@ -193,7 +199,7 @@ def call(client: Any, model: str, req: Request, *, trace: bool = True) -> dict:
     if req.stop:
         kwargs["stop"] = list(req.stop)
     if trace:
-        kwargs["extra_body"] = {"fusion": {"trace": True}}
+        kwargs["extra_body"] = {"fusion": {"trace": True, "judge": True}}
     if req.mode == "chat":
         resp = client.chat.completions.create(messages=req.messages(), **kwargs)
     else:
@@ -222,6 +228,9 @@ def evaluate_one(client: Any, task: Task, item: Item, model: str, *, trace: bool
     steps = find_trace(response)
     ppl, ppl_steps, n_steps, wins = answer_ppl(steps)
     choice = (response.get("choices") or [{}])[0]
+    judge = choice.get("fusion_judge") or response.get("fusion_judge")
+    if isinstance(judge, dict) and isinstance(judge.get("mean_ppl"), (int, float)):
+        ppl = float(judge["mean_ppl"])
     rec = {
         "task": task.name, "settings": task.fingerprint(), "model": model, "item_id": item.id,
         "output": output,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -79,12 +79,43 @@ class ServerConfig(BaseModel):
     max_body_bytes: int = Field(default=1_048_576, gt=0)
 
 
+class RayResources(BaseModel):
+    """What one model's Ray actor asks the cluster for."""
+
+    model_config = _STRICT
+
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+
+
+class RayConfig(BaseModel):
+    """`backend: ray`: every source model runs in its own Ray actor (fusion/ray_backend.py)."""
+
+    model_config = _STRICT
+
+    address: str | None = None  # "auto" (running cluster), "local" (start one), "ray://host:10001"; None: Ray's default
+    runtime_env: dict[str, Any] | None = None  # passed to ray.init (e.g. working_dir, pip)
+    num_cpus: float = Field(default=1.0, ge=0)  # per actor, unless set under `models`
+    num_gpus: float = Field(default=0.0, ge=0)  # per actor, unless set under `models`
+    models: dict[str, RayResources] = {}  # per model name: {num_cpus, num_gpus}
+    max_restarts: int = Field(default=-1, ge=-1)  # Ray restarts of a dead actor (-1: always)
+    start_timeout_s: float = Field(default=900.0, gt=0)  # wait for an actor to load its model
+
+    def resources(self, name: str) -> RayResources:
+        own = self.models.get(name)
+        fields = own.model_fields_set if own is not None else set()
+        return RayResources(num_cpus=own.num_cpus if "num_cpus" in fields else self.num_cpus,
+                            num_gpus=own.num_gpus if "num_gpus" in fields else self.num_gpus)
+
+
 class Config(BaseModel):
     model_config = _STRICT
 
     models: tuple[ModelConfig, ...] = Field(min_length=1)
     fusion: FusionConfig = FusionConfig()
     server: ServerConfig = ServerConfig()
+    backend: Literal["local", "ray"] = "local"  # where the source models run
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _checks(self) -> "Config":
@@ -96,6 +127,14 @@ class Config(BaseModel):
                 raise ValueError(f"models.{i}.name: duplicate model name {n!r}")
             if n in VARIANTS:
                 raise ValueError(f"models.{i}.name: {n!r} is reserved for a fused variant")
+        for n in self.ray.models:
+            if n not in names:
+                raise ValueError(f"ray.models.{n}: no model named {n!r} in models")
+        if self.backend == "ray":
+            for i, m in enumerate(self.models):
+                if m.device.startswith("cuda") and self.ray.resources(m.name).num_gpus <= 0:
+                    raise ValueError(f"models.{i}.device: {m.device!r} with backend ray needs "
+                                     f"ray.num_gpus or ray.models.{m.name}.num_gpus > 0")
         return self
 
 
@@ -116,8 +155,11 @@ def parse_config(data: dict) -> Config:
         cfg = Config.model_validate(data or {})
     except ValidationError as err:
         raise ConfigError(_format(err)) from None
+    if cfg.backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ConfigError("backend: 'ray' needs the Ray package, which is not installed "
+                          "(pip install 'coolfusion[ray]')")
     for i, m in enumerate(cfg.models):
-        check_source(i, m)
+        check_source(i, m, devices=cfg.backend == "local")  # Ray actors pick their devices on their nodes
     return cfg
 
 
@@ -134,7 +176,7 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data)
 
 
-def check_source(i: int, m: ModelConfig) -> None:
+def check_source(i: int, m: ModelConfig, *, devices: bool = True) -> None:
     """Fail early (before any weights load) on a missing package, file or impossible device."""
     import torch
 
@@ -151,7 +193,7 @@ def check_source(i: int, m: ModelConfig) -> None:
             raise ConfigError(f"models.{i}.gguf_file: {m.gguf_file!r} not found in {m.path}")
     elif m.path is not None and (m.path.startswith((".", "/", "~")) or m.path.count("/") > 1):
         raise ConfigError(f"models.{i}.path: local directory {m.path!r} does not exist")
-    if m.device.startswith("cuda"):
+    if devices and m.device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"models.{i}.device: {m.device!r} requested but CUDA is not available")
         idx = int(m.device[5:]) if ":" in m.device else 0

@@ -33,6 +33,8 @@ class Engine:
     def __init__(self, workers: list[ModelWorker], fusion: FusionConfig | None = None,
                  templates: dict[str, str | None] | None = None):
         self.workers = workers
+        for w in workers:  # each worker knows every tokenizer's word rule (paper Table 1)
+            w.all_words = [v.words for v in workers]
         self.fusion = fusion or FusionConfig()
         self.templates = templates or {w.name: getattr(w.tokenizer, "chat_template", None) for w in workers}
         self.source_names = [w.name for w in workers]
@@ -47,6 +49,11 @@ class Engine:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Engine":
+        if cfg.backend == "ray":  # one Ray actor per model (imports Ray only here)
+            from .ray_backend import ray_workers
+
+            workers, templates = ray_workers(cfg)
+            return cls(workers, cfg.fusion, templates)
         workers, templates = [], {}
         for m in cfg.models:
             src = resolve_source(m)
@@ -138,16 +145,23 @@ class Engine:
 
     # ---- generation --------------------------------------------------------------------------
 
-    def generate(self, req: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Step]:
+    def generate(self, req: GenerationRequest, cancel: threading.Event | None = None,
+                 runs: list | None = None) -> Iterator[Step]:
         """Yield one Step per selected segment. Blocking; run it in a worker thread. Closing
-        the generator (or setting `cancel`) frees every KV cache of the request."""
+        the generator (or setting `cancel`) frees every KV cache of the request. `runs`, if
+        given, receives the request's loop.Run objects (timings, for the benchmark)."""
         prompt_tokens = self.check(req)
         with self._active_lock:
             self._active += 1
-        runs: list[loop.Run] = []
+        runs = [] if runs is None else runs
         try:
             raw = self._raw_steps(req, cancel, runs)
-            yield from _finish(raw, req, self._reference(req), prompt_tokens, cancel)
+            text = ""
+            for step in _finish(raw, req, self._reference(req), prompt_tokens, cancel):
+                text += step.text
+                if step.finish_reason is not None and req.judge:
+                    step = replace(step, judge=self.judge(req, text, step.eos, cancel, runs))
+                yield step
         finally:
             for r in runs:
                 for w, s in zip(r.workers, r.states):
@@ -174,7 +188,7 @@ class Engine:
         if req.model in (RERANK, COOL_RERANK):
             yield self._rerank(req, cancel, runs)
             return
-        run = self._open(workers, req, cancel, runs, align=req.model != COOL_NOALIGN)
+        run = self._open(workers, req, cancel, runs, align=req.model == COOL)  # else own boundaries
         limit = min((w.context_limit or 10**9) for w in workers)
         for step in loop.segments(run):
             yield step
@@ -189,6 +203,12 @@ class Engine:
             text.append(step.text)
             finish = step.finish_reason
         return "".join(text), finish
+
+    def judge(self, req, text: str, eos: bool, cancel=None, runs=None) -> Candidate:
+        """Every source model's PPL of a whole output after the prompt (paper Table 3, row 1)."""
+        runs = [] if runs is None else runs
+        run = self._open(self.workers, req, cancel, runs)
+        return loop.rerank(run, [(text, eos, (req.model,))]).candidates[0]
 
     def _rerank(self, req, cancel, runs) -> loop.RawStep:
         single = replace(req, trace=False)

@@ -62,8 +62,7 @@ def _timed(run: Run, phase: str, fn):
 
 
 def propose(run: Run) -> list[Proposal]:
-    every = [w.words for w in run.workers]
-    return _timed(run, "propose", lambda w, s: w.propose(s, every if run.align else [w.words], run.max_segment_tokens))
+    return _timed(run, "propose", lambda w, s: w.propose(s, run.align, run.max_segment_tokens))
 
 
 def assess(run: Run, proposals: list[Proposal]) -> list[Candidate]:

@@ -39,6 +39,7 @@ class GenerationRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     trace: bool = False
+    judge: bool = False  # score the whole output with every source model (last Step.judge)
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,4 @@ class Step:
     finish_reason: str | None = None
     completion_tokens: int = 0  # reference-tokenizer tokens of the whole output so far
     prompt_tokens: int = 0  # reference-tokenizer tokens of the prompt
+    judge: Candidate | None = None  # on the last step of a `judge` request: the whole output's PPLs

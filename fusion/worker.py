@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +90,7 @@ class ModelWorker:
         self.model = model
         self.tokenizer = tokenizer
         self.words = WordStarts(tokenizer)
+        self.all_words: list[WordStarts] = [self.words]  # every source model's; set by the engine
         self.device = device
         self.end_ids = frozenset(end_ids)  # tokens that end a proposal (EOS, end of turn)
         self.primary_end = list(end_ids)[0]
@@ -100,18 +102,27 @@ class ModelWorker:
         self._layer_types = tuple(getattr(cfg, "layer_types", None) or ())
         self._sliding = getattr(cfg, "sliding_window", None)
         self.forward_tokens = 0  # tokens fed through the model (for the benchmark)
+        self.tok_seconds = 0.0  # time spent in tokenizer work: encode, decode, word starts
 
     # ---- tokenizer helpers -------------------------------------------------------------
 
     def encode(self, text: str, *, special: bool = False) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=special).ids
+        t = time.perf_counter()
+        ids = self._backend.encode(text, add_special_tokens=special).ids
+        self.tok_seconds += time.perf_counter() - t
+        return ids
 
     def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+        t = time.perf_counter()
         enc = self._backend.encode(text, add_special_tokens=False)
+        self.tok_seconds += time.perf_counter() - t
         return enc.ids, [s for s, _ in enc.offsets]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        t = time.perf_counter()
+        text = self._backend.decode(ids, skip_special_tokens=False)
+        self.tok_seconds += time.perf_counter() - t
+        return text
 
     def retokenize_tail(self, st: State, text: str) -> tuple[int, list[int], list[int]]:
         """T(G + text) as (keep, tail_ids, tail_starts): g_ids[:keep] + tail_ids.
@@ -202,9 +213,11 @@ class ModelWorker:
             tok = int(torch.multinomial(probs.cpu(), 1, generator=st.generator))
         return tok, float(logp[tok])
 
-    def propose(self, st: State, splitters: list[WordStarts], max_tokens: int) -> Proposal:
-        """Decode from the committed state until the text has a word boundary common to all
-        `splitters` (p > 0), the model ends its turn, or `max_tokens` tokens were decoded."""
+    def propose(self, st: State, align: bool, max_tokens: int) -> Proposal:
+        """Decode from the committed state until the text has a word boundary common to every
+        source model's tokenizer (`align`; else this model's own: the Cool-align ablation),
+        the model ends its turn, or `max_tokens` tokens were decoded."""
+        splitters = self.all_words if align else [self.words]
         with self.lock:
             base = st.committed_len
             toks = st.ids[base:]  # lookahead from the last step
@@ -240,7 +253,9 @@ class ModelWorker:
         if not toks or ends[-1] is None:
             return None
         text = self.decode(toks)
+        t = time.perf_counter()
         p = first_boundary(text, splitters, allowed={e for e in ends if e is not None})
+        self.tok_seconds += time.perf_counter() - t
         if p is None:
             return None
         n = next(i + 1 for i, e in enumerate(ends) if e == p)

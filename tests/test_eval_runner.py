@@ -191,7 +191,7 @@ def test_runner_scores_writes_one_line_per_pair_and_shows_progress(fake, client,
     assert by[("oracle", items[0].id)]["ppl"] == 3.0 and by[("wrong", items[0].id)]["ppl"] is None
     assert all(r["settings"] == task.fingerprint() and r["latency_s"] >= 0 for r in lines)
     body = fake.bodies[0]  # what the server was sent: template settings, greedy, trace request
-    assert body["fusion"] == {"trace": True} and body["temperature"] == 0.0
+    assert body["fusion"] == {"trace": True, "judge": True} and body["temperature"] == 0.0
     assert body["max_tokens"] == 256 and body["stop"] == ["Question:", "\n\n"]
     assert body["prompt"] in {task.prompt(it) for it in items}
 

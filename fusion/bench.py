@@ -1,0 +1,262 @@
+"""`coolfusion bench`: fused decoding against the source models' own decoding, in one run.
+
+For the same prompts it measures (a) each source model alone with plain transformers
+`generate` (greedy), (b) each source model alone through our engine, (c) `cool-fusion`,
+and prints side by side: characters/s and tokens/s, time per step split into propose /
+score / commit / tokenizer work, segments per request, how often all proposals agreed, and
+peak memory. The floors (DESIGN.md section 4): with r_v the characters/s of model v under
+(a), one device costs 1 / sum_v(1/r_v) per output character, one device per model min_v r_v.
+`cost_growth` is the fused time per step at a ~2,000-token context over that at ~100.
+
+`--shapes` (CUDA) replaces the configured models by random-weight bf16 models shaped like
+the paper's (Llama-3-8B, Phi-3-mini, GLM-4-9B) over the embedded tokenizers.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+PROMPTS = [
+    "The history of the city of Paris begins",
+    "Here is a short Python function that reverses a list:\n",
+    "Q: Tom has 3 apples and buys 5 more. How many apples does he have?\nA:",
+    "Write a short story about a robot who learns to paint.\n",
+]
+
+# Paper-scale shapes (hidden, layers, heads, kv heads, intermediate).
+SHAPES = {
+    "llama3-8b": dict(arch="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, intermediate_size=14336, rope_theta=500000.0),
+    "phi3-mini": dict(arch="phi3", hidden_size=3072, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, intermediate_size=8192),
+    "glm4-9b": dict(arch="glm4", hidden_size=4096, num_hidden_layers=40, num_attention_heads=32,
+                    num_key_value_heads=2, intermediate_size=13696),
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", default="config.yaml", help="config file (default: config.yaml)")
+    p.add_argument("--json", dest="json_path", default=None, help="write all figures to this JSON file")
+    p.add_argument("--max-tokens", type=int, default=48, help="tokens per request (default: 48)")
+    p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts to run (max {len(PROMPTS)})")
+    p.add_argument("--growth-steps", type=int, default=12, help="fused steps timed at each context length")
+    p.add_argument("--shapes", default=None,
+                   help="CUDA only: comma-separated random-weight shapes instead of the config's models "
+                        f"({', '.join(SHAPES)}); tokenizers from --tokenizers")
+    p.add_argument("--tokenizers", default=None,
+                   help="with --shapes: comma-separated tokenizer directories, one per shape (cycled)")
+    p.add_argument("--device", default="cuda", help="with --shapes: device (default: cuda)")
+    p.add_argument("--skip-hf", action="store_true", help="skip (a), plain transformers generate")
+
+
+def _peak_mem() -> dict:
+    out = {"cpu_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_engine(args):
+    from .config import FusionConfig, load_config
+    from .engine import Engine, make_worker
+
+    if not args.shapes:
+        return Engine.from_config(load_config(args.config))
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    names = [s.strip() for s in args.shapes.split(",")]
+    toks = [t.strip() for t in (args.tokenizers or "").split(",") if t.strip()]
+    if not toks:
+        raise SystemExit("--shapes needs --tokenizers (saved tokenizer directories)")
+    workers = []
+    for i, name in enumerate(names):
+        shape = dict(SHAPES[name])
+        arch = shape.pop("arch")
+        tok = AutoTokenizer.from_pretrained(toks[i % len(toks)])
+        cfg = AutoConfig.for_model(arch, vocab_size=len(tok), max_position_embeddings=8192,
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape)
+        torch.manual_seed(i)
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model.eval()
+        workers.append(make_worker(f"{name}", model, tok, torch.device(args.device)))
+    return Engine(workers, FusionConfig())
+
+
+def _hf_alone(worker, prompts, n) -> dict:
+    chars = toks = 0
+    t = 0.0
+    for prompt in prompts:
+        ids = torch.tensor([worker.encode(prompt, special=True)], device=worker.device)
+        _sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = worker.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                        pad_token_id=worker.primary_end)
+        _sync()
+        t += time.perf_counter() - t0
+        new = out[0, ids.shape[1]:].tolist()
+        toks += len(new)
+        chars += len(worker.decode(new))
+    return {"seconds": t, "chars": chars, "tokens": toks, "chars_per_s": chars / t, "tokens_per_s": toks / t}
+
+
+def _engine_run(engine, model, prompts, n) -> dict:
+    from .types import GenerationRequest
+
+    tok0 = {w.name: (w.tok_seconds, w.forward_tokens) for w in engine.workers}
+    chars = toks = steps = agreed = 0
+    timings = {"propose": 0.0, "score": 0.0, "commit": 0.0}
+    t = 0.0
+    for prompt in prompts:
+        runs = []
+        req = GenerationRequest(prompt=prompt, model=model, max_tokens=n)
+        _sync()
+        t0 = time.perf_counter()
+        text, last = "", None
+        for step in engine.generate(req, runs=runs):
+            text += step.text
+            last = step
+        _sync()
+        t += time.perf_counter() - t0
+        chars += len(text)
+        toks += last.completion_tokens
+        for r in runs:
+            steps += r.steps
+            agreed += r.agreed
+            for k in timings:
+                timings[k] += r.timings[k]
+    tok_s = sum(w.tok_seconds - tok0[w.name][0] for w in engine.workers)
+    fwd = sum(w.forward_tokens - tok0[w.name][1] for w in engine.workers)
+    per = max(steps, 1)
+    return {
+        "seconds": t, "chars": chars, "tokens": toks, "chars_per_s": chars / t, "tokens_per_s": toks / t,
+        "steps": steps, "segments_per_request": steps / len(prompts), "agreement_rate": agreed / per,
+        "ms_per_step": {**{k: 1000 * v / per for k, v in timings.items()}, "tokenizer": 1000 * tok_s / per,
+                        "total": 1000 * t / per},
+        "forward_tokens_per_output_token": fwd / max(toks, 1),
+    }
+
+
+def _step_time_at(engine, context_tokens: int, steps: int) -> float:
+    """Fused ms per step with a prompt of about `context_tokens` reference tokens."""
+    from . import loop
+    from .types import GenerationRequest
+
+    ref = engine.workers[0]
+    filler = ("The quick brown fox jumps over the lazy dog while the sun sets behind the hills. " * 400)
+    ids, starts = ref.encode_with_starts(filler)
+    prompt = filler[: starts[min(context_tokens, len(ids) - 1)]] + "\nIn summary,"
+    req = GenerationRequest(prompt=prompt, max_tokens=10**6)
+    runs = []
+    run = engine._open(engine.workers, req, None, runs)
+    it = loop.segments(run)
+    next(it)  # prefill and first step, not timed
+    _sync()
+    t0 = time.perf_counter()
+    done = 0
+    for _ in range(steps):
+        step = next(it, None)
+        if step is None or step.eos:
+            break
+        done += 1
+    _sync()
+    dt = time.perf_counter() - t0
+    for w, s in zip(run.workers, run.states):
+        w.close(s)
+    return 1000 * dt / max(done, 1)
+
+
+def run(args) -> int:
+    from .types import COOL
+
+    t_load = time.perf_counter()
+    engine = build_engine(args)
+    load_s = time.perf_counter() - t_load
+    prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
+    n = args.max_tokens
+    device = str(engine.workers[0].device)
+    # warm-up (first calls allocate, compile kernels, fill caches)
+    _engine_run(engine, COOL, prompts[:1], 8)
+
+    res = {"device": device, "torch": torch.__version__, "models": engine.source_names, "max_tokens": n,
+           "prompts": len(prompts), "load_seconds": load_s, "hf_generate": {}, "engine_alone": {}}
+    if torch.cuda.is_available():
+        res["gpu"] = torch.cuda.get_device_name(0)
+    if not args.skip_hf:
+        for w in engine.workers:
+            res["hf_generate"][w.name] = _hf_alone(w, prompts, n)
+    for w in engine.workers:
+        res["engine_alone"][w.name] = _engine_run(engine, w.name, prompts, n)
+    res["cool_fusion"] = _engine_run(engine, COOL, prompts, n)
+
+    base = res["hf_generate"] or res["engine_alone"]
+    rates = [base[w]["chars_per_s"] for w in engine.source_names]
+    floor_one = 1.0 / sum(1.0 / r for r in rates)
+    floor_many = min(rates)
+    fused = res["cool_fusion"]["chars_per_s"]
+    res["floor_one_device_chars_per_s"] = floor_one
+    res["floor_device_per_model_chars_per_s"] = floor_many
+    res["fused_vs_floor"] = fused / floor_one
+    res["fused_vs_floor_device_per_model"] = fused / floor_many
+    short = _step_time_at(engine, 100, args.growth_steps)
+    long = _step_time_at(engine, 2000, args.growth_steps)
+    res["ms_per_step_at_100"] = short
+    res["ms_per_step_at_2000"] = long
+    res["cost_growth"] = long / short
+    res["peak_memory"] = _peak_mem()
+
+    _print(res, engine.source_names)
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(res, indent=2))
+        print(f"\nwrote {args.json_path}")
+    return 0
+
+
+def _print(res, names) -> None:
+    print(f"device: {res.get('gpu', res['device'])}  torch {res['torch']}  prompts: {res['prompts']}  "
+          f"max_tokens: {res['max_tokens']}  load: {res['load_seconds']:.1f}s")
+    rows = []
+    for name in names:
+        if name in res["hf_generate"]:
+            rows.append((f"(a) {name} transformers generate", res["hf_generate"][name]))
+    for name in names:
+        rows.append((f"(b) {name} engine alone", res["engine_alone"][name]))
+    rows.append(("(c) cool-fusion", res["cool_fusion"]))
+    print(f"{'run':46} {'chars/s':>8} {'tok/s':>7} {'steps/req':>9} {'agree':>6} "
+          f"{'ms/step: propose':>16} {'score':>6} {'commit':>6} {'tokzr':>6} {'total':>6}")
+    for label, r in rows:
+        ms = r.get("ms_per_step")
+        extra = (f"{r['segments_per_request']:9.1f} {r['agreement_rate']:6.2f} {ms['propose']:16.1f} "
+                 f"{ms['score']:6.1f} {ms['commit']:6.1f} {ms['tokenizer']:6.1f} {ms['total']:6.1f}") if ms else ""
+        print(f"{label:46} {r['chars_per_s']:8.1f} {r['tokens_per_s']:7.1f} {extra}")
+    print(f"floor, one device: {res['floor_one_device_chars_per_s']:.1f} chars/s   "
+          f"fused_vs_floor: {res['fused_vs_floor']:.2f}")
+    print(f"floor, one device per model: {res['floor_device_per_model_chars_per_s']:.1f} chars/s   "
+          f"fused_vs_floor_device_per_model: {res['fused_vs_floor_device_per_model']:.2f}")
+    print(f"fused ms/step at ~100 context tokens: {res['ms_per_step_at_100']:.1f}   at ~2000: "
+          f"{res['ms_per_step_at_2000']:.1f}   cost_growth: {res['cost_growth']:.2f}")
+    print(f"peak memory: {json.dumps(res['peak_memory'])}")
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="coolfusion bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

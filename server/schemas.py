@@ -1,0 +1,213 @@
+"""OpenAI request bodies (pydantic) and their translation into engine requests.
+
+Unknown fields are accepted and ignored (`extra="allow"`), as OpenAI clients send many.
+Fields we cannot honour (logprobs, echo, best_of > 1, suffix) are rejected with a 400
+naming them rather than silently ignored. Omitted sampling fields keep the engine's
+defaults (greedy). Our extension: `"fusion": {"trace": true}`; other keys in `fusion`
+(e.g. a future `variant`) are accepted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fusion.types import COOL, GenerationRequest, Message
+
+_OPEN = ConfigDict(extra="allow")
+
+MAX_N = 16  # choices per prompt
+MAX_STOP = 4  # stop strings per request (OpenAI's limit)
+
+
+def _valid_text(s: str) -> str:
+    """Reject strings that are not valid Unicode (lone surrogates from JSON escapes)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (it contains a lone surrogate)") from None
+    return s
+
+
+class FusionOptions(BaseModel):
+    """Our extension object; unknown keys are kept for later versions."""
+
+    model_config = _OPEN
+    trace: bool = False
+    judge: bool = False  # score the whole answer with every source model (`fusion_judge`)
+
+
+class StreamOptions(BaseModel):
+    model_config = _OPEN
+    include_usage: bool | None = False
+
+
+class _Common(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = _OPEN
+
+    model: str = COOL
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    stop: str | list[str] | None = None
+    n: int | None = Field(default=1, ge=1, le=MAX_N)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    fusion: FusionOptions | None = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+            raise ValueError("stop must be a string or a list of strings")
+        if len(items) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings are allowed")
+        for s in items:
+            if not s:
+                raise ValueError("stop strings must not be empty")
+            _valid_text(s)
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        return _valid_text(v)
+
+    def stop_tuple(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    @property
+    def wants_trace(self) -> bool:
+        return bool(self.fusion and self.fusion.trace)
+
+    @property
+    def wants_usage_chunk(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _sampling(self, max_tokens: int | None) -> dict[str, Any]:
+        """Keyword arguments for GenerationRequest; omitted fields keep the engine's defaults."""
+        kw: dict[str, Any] = {"model": self.model, "stop": self.stop_tuple(), "trace": self.wants_trace,
+                              "judge": bool(self.fusion and self.fusion.judge)}
+        for name in ("temperature", "top_p", "seed"):
+            if getattr(self, name) is not None:
+                kw[name] = getattr(self, name)
+        if max_tokens is not None:
+            kw["max_tokens"] = max_tokens
+        return kw
+
+
+def _unsupported(name: str, *allowed: Any):
+    """A validator rejecting every value of `name` except None and the no-op `allowed` ones."""
+
+    def check(cls, v: Any) -> Any:
+        if v is None or any(type(v) is type(a) and v == a for a in allowed):
+            return v
+        raise ValueError(f"'{name}' is not supported by this server")
+
+    return field_validator(name, mode="before")(classmethod(check))
+
+
+class CompletionRequest(_Common):
+    """POST /v1/completions: one choice per prompt x n, in that order."""
+
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=None, ge=1)
+    logprobs: int | None = None
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+    _no_logprobs = _unsupported("logprobs")
+    _no_echo = _unsupported("echo", False)
+    _no_best_of = _unsupported("best_of", 1)
+    _no_suffix = _unsupported("suffix", "")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return _valid_text(v)
+        if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+            for p in v:
+                _valid_text(p)
+            return v
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be an empty list")
+        raise ValueError("prompt must be a string or a list of strings (token-id prompts are not supported)")
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def base_requests(self, default_max_tokens: int | None) -> list[GenerationRequest]:
+        """One engine request per prompt (choices are these repeated n times)."""
+        kw = self._sampling(self.max_tokens if self.max_tokens is not None else default_max_tokens)
+        return [GenerationRequest(prompt=p, **kw) for p in self.prompts()]
+
+
+class TextPart(BaseModel):
+    model_config = _OPEN
+    type: Literal["text"]
+    text: str
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        return _valid_text(v)
+
+
+class ChatMessage(BaseModel):
+    model_config = _OPEN
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        if v is None:
+            raise ValueError("content is required (tool calls are not supported)")
+        if isinstance(v, str):
+            return _valid_text(v)
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"only text content parts are supported (got type {kind!r})")
+            return v
+        raise ValueError("content must be a string or a list of text parts")
+
+    def to_message(self) -> Message:
+        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        role = "system" if self.role == "developer" else self.role
+        return Message(role=role, content=text)
+
+
+class ChatCompletionRequest(_Common):
+    """POST /v1/chat/completions: n choices for one conversation."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    _no_logprobs = _unsupported("logprobs", False)
+    _no_top_logprobs = _unsupported("top_logprobs", 0)
+
+    def base_requests(self, default_max_tokens: int | None) -> list[GenerationRequest]:
+        limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        kw = self._sampling(limit if limit is not None else default_max_tokens)
+        return [GenerationRequest(messages=tuple(m.to_message() for m in self.messages), **kw)]

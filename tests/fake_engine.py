@@ -1,0 +1,167 @@
+"""A small stand-in for fusion.engine.Engine, for tests where only HTTP is under test.
+
+Same interface (model_ids, source_names, check, generate, active_requests, default_max_tokens)
+and the same typed errors, no models. The reply is deterministic and depends on the request:
+"<model> heard: <prompt words reversed> [la la ...]", split into word segments (a word with
+its leading space, as byte-level BPE words are). One segment = one "token"; the prompt's token
+count is its number of words (+2 per chat message). Segment winners alternate between the
+sources. Magic prompt words: EXPLODE raises a RuntimeError (an engine bug) after one segment;
+WORKERFAIL raises a FusionError (500) after one segment.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Iterator
+
+from fusion.errors import Cancelled, ContextLengthExceeded, FusionError, InvalidRequest, UnknownModel
+from fusion.types import VARIANTS, Candidate, GenerationRequest, Step
+
+_WORD = re.compile(r"\s*\S+")
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text)
+
+
+class FakeEngine:
+    def __init__(
+        self,
+        *,
+        sources: tuple[str, ...] = ("alpha", "beta"),
+        delay_s: float = 0.0,
+        filler_words: int = 0,
+        context_limit: int = 4096,
+        default_max_tokens: int = 64,
+    ):
+        self.source_names = list(sources)
+        self.delay_s = delay_s
+        self.filler_words = filler_words
+        self.context_limit = context_limit
+        self.default_max_tokens = default_max_tokens
+        self._lock = threading.Lock()
+        self._active = 0
+        self.started = 0  # generations that began
+        self.outcomes: list[str] = []  # per generation: finished | cancelled | closed | error
+        self.segments_produced = 0
+
+    # ---- the Engine interface -------------------------------------------------------------
+
+    def model_ids(self) -> list[str]:
+        return [*VARIANTS, *self.source_names]
+
+    @property
+    def active_requests(self) -> int:
+        with self._lock:
+            return self._active
+
+    def check(self, request: GenerationRequest) -> int:
+        if request.model not in self.model_ids():
+            raise UnknownModel(f"The model '{request.model}' does not exist", param="model")
+        if (request.prompt is None) == (request.messages is None):
+            raise InvalidRequest("give exactly one of prompt or messages", param="prompt")
+        if request.prompt is not None and not request.prompt.strip():
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        n = self.prompt_tokens(request)
+        if n + request.max_tokens > self.context_limit:
+            param = "prompt" if request.prompt is not None else "messages"
+            raise ContextLengthExceeded(
+                f"model {self.source_names[0]}: context limit is {self.context_limit} tokens, but the request "
+                f"needs {n} prompt tokens + {request.max_tokens} max_tokens",
+                param=param,
+            )
+        return n
+
+    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Step]:
+        prompt_tokens = self.check(request)
+        segments = words(self.reply(request))
+        with self._lock:
+            self._active += 1
+            self.started += 1
+        outcome = "finished"
+        try:
+            out = ""
+            for i, seg in enumerate(segments):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("cancelled")
+                if self.delay_s:
+                    time.sleep(self.delay_s)
+                if i == 1 and "EXPLODE" in self._text(request):
+                    raise RuntimeError("fake engine exploded")
+                if i == 1 and "WORKERFAIL" in self._text(request):
+                    raise FusionError("a source model worker failed", code="worker_failed")
+                text, finish = seg, None
+                eos = i == len(segments) - 1
+                cut = _stop_cut(out + text, request.stop)
+                if cut is not None:
+                    text, finish, eos = (out + text)[:cut][len(out):], "stop", False
+                elif eos:
+                    finish = "stop"
+                elif i + 1 >= request.max_tokens:
+                    finish = "length"
+                out += text
+                with self._lock:
+                    self.segments_produced += 1
+                yield self._step(request, i, text, eos, finish, i + 1, prompt_tokens)
+                if finish is not None:
+                    return
+        except Cancelled:
+            outcome = "cancelled"
+            raise
+        except GeneratorExit:
+            outcome = "closed"
+            raise
+        except BaseException:
+            outcome = "error"
+            raise
+        finally:
+            with self._lock:
+                self._active -= 1
+                self.outcomes.append(outcome)
+
+    # ---- helpers for tests ----------------------------------------------------------------
+
+    def prompt_tokens(self, request: GenerationRequest) -> int:
+        if request.prompt is not None:
+            return len(words(request.prompt))
+        return sum(len(words(m.content)) + 2 for m in request.messages or ())
+
+    def reply(self, request: GenerationRequest) -> str:
+        """The full text this engine would write for `request` with no limits."""
+        heard = " ".join(reversed(self._text(request).split())) or "nothing"
+        return f"{request.model} heard: {heard}" + " la" * self.filler_words + "."
+
+    def expected_text(self, request: GenerationRequest) -> str:
+        """What the client should receive, with max_tokens and stop strings applied."""
+        segs = words(self.reply(request))[: request.max_tokens]
+        text = "".join(segs)
+        cut = _stop_cut(text, request.stop)
+        return text if cut is None else text[:cut]
+
+    def _text(self, request: GenerationRequest) -> str:
+        if request.prompt is not None:
+            return request.prompt
+        return " ".join(m.content for m in request.messages or ())
+
+    def _step(self, request: GenerationRequest, i: int, text: str, eos: bool, finish: str | None,
+              completion_tokens: int, prompt_tokens: int) -> Step:
+        if request.model in self.source_names:
+            winner = request.model
+            candidates = (Candidate(text=text, proposed_by=(winner,), eos=eos),)
+        else:
+            winner = self.source_names[i % len(self.source_names)]
+            loser = self.source_names[(i + 1) % len(self.source_names)]
+            other = text.upper() if text.upper() != text else text + "!"
+            candidates = (
+                Candidate(text=text, proposed_by=(winner,), eos=eos, ppl={winner: 2.0, loser: 3.0}, mean_ppl=2.5),
+                Candidate(text=other, proposed_by=(loser,), ppl={winner: 9.0, loser: float("inf")}, mean_ppl=float("inf")),
+            )
+        return Step(text=text, winner=winner, eos=eos, candidates=candidates if request.trace else (),
+                    finish_reason=finish, completion_tokens=completion_tokens, prompt_tokens=prompt_tokens)
+
+
+def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else None
