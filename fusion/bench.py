@@ -84,7 +84,8 @@ def build_engine(args):
         arch = shape.pop("arch")
         tok = AutoTokenizer.from_pretrained(toks[i % len(toks)])
         cfg = AutoConfig.for_model(arch, vocab_size=len(tok), max_position_embeddings=8192,
-                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **shape)
+                                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                   pad_token_id=tok.eos_token_id, **shape)
         torch.manual_seed(i)
         with torch.device(args.device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)

@@ -62,6 +62,9 @@ class FusionConfig(BaseModel):
     max_segment_tokens: int = Field(default=16, gt=0, le=256)  # cap on one proposal
     score: Literal["mean_nll", "nll_sum"] = "mean_nll"  # PPL = exp(mean NLL) (paper text) or exp(sum)
     parallel: bool = True  # run the models' propose/score/commit in parallel threads
+    # False turns every shortcut off (lookahead and KV reuse, skipped scoring, tail-only
+    # re-tokenization, threads): a slow reference that must give the same text.
+    fast_paths: bool = True
     default_max_tokens: int = Field(default=256, gt=0)
 
 

@@ -33,14 +33,15 @@ class Engine:
     def __init__(self, workers: list[ModelWorker], fusion: FusionConfig | None = None,
                  templates: dict[str, str | None] | None = None):
         self.workers = workers
+        self.fusion = fusion or FusionConfig()
         for w in workers:  # each worker knows every tokenizer's word rule (paper Table 1)
             w.all_words = [v.words for v in workers]
-        self.fusion = fusion or FusionConfig()
+            w.fast = self.fusion.fast_paths
         self.templates = templates or {w.name: getattr(w.tokenizer, "chat_template", None) for w in workers}
         self.source_names = [w.name for w in workers]
         self._by_name = {w.name: w for w in workers}
         self._pool = ThreadPoolExecutor(max_workers=len(workers) * 2, thread_name_prefix="cf-worker") \
-            if self.fusion.parallel and len(workers) > 1 else None
+            if self.fusion.parallel and self.fusion.fast_paths and len(workers) > 1 else None
         self._active = 0
         self._active_lock = threading.Lock()
         self.ready = True

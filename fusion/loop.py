@@ -70,7 +70,7 @@ def assess(run: Run, proposals: list[Proposal]) -> list[Candidate]:
     keys: dict[tuple[str, bool], list[str]] = {}
     for w, p in zip(run.workers, proposals):
         keys.setdefault((p.text, p.eos), []).append(w.name)
-    if len(keys) == 1:
+    if len(keys) == 1 and run.workers[0].fast:
         (text, eos), by = next(iter(keys.items()))
         return [Candidate(text, tuple(by), eos)]
     cands = list(keys)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from .config import Config, ModelConfig, RayConfig
 from .errors import ConfigError, NotReady
@@ -239,7 +240,7 @@ class RayWorker:
                            f"(ray.start_timeout_s); does the cluster have num_cpus={res.num_cpus:g}, "
                            f"num_gpus={res.num_gpus:g} free for it?") from None
         except RayActorError as err:
-            raise NotReady(f"the Ray actor of model {self.name!r} failed to start: {_first_line(err)}") from None
+            raise NotReady(f"the Ray actor of model {self.name!r} failed to start: {_summary(err)}") from None
 
     # ---- word rules of every source model (set by the engine) ----------------------------
 
@@ -267,7 +268,7 @@ class RayWorker:
         except RayActorError as err:
             self._failed(actor)
             msg = (f"source model {self.name!r} is unavailable: its Ray actor died during {method} "
-                   f"({_first_line(err)}); it is being restarted, retry the request")
+                   f"({_summary(err)}); it is being restarted, retry the request")
             if st is not None:
                 st.lost = msg
             raise NotReady(msg) from None
@@ -317,13 +318,25 @@ class RayWorker:
             self._recovery.start()
 
     def _recover(self, actor) -> None:
+        deadline = time.monotonic() + self.ray_config.start_timeout_s
         try:
+            while True:
+                try:
+                    ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    log.warning("Ray actor of %s was restarted by Ray", self.name)
+                    return
+                except ActorUnavailableError:  # restarting (max_restarts): ask again
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.5)
+                except (RayActorError, GetTimeoutError) as err:  # dead for good, or stuck
+                    log.warning("Ray actor of %s is dead (%s)", self.name, _summary(err))
+                    break
+            log.warning("starting a new Ray actor for %s", self.name)
             try:
-                ray.get(actor.ping.remote())  # Ray restarts it (max_restarts): back once loaded
-                log.warning("Ray actor of %s was restarted by Ray", self.name)
-                return
-            except RayActorError as err:
-                log.warning("Ray actor of %s is dead (%s); starting a new one", self.name, _first_line(err))
+                ray.kill(actor, no_restart=True)  # frees its resources for the successor
+            except Exception as err:  # noqa: BLE001  (already gone)
+                log.debug("ray.kill: %s", err)
             new = start_actor(self.config, self.ray_config)
             with self._lock:
                 self._actor = new
@@ -331,7 +344,7 @@ class RayWorker:
                 ray.get(new.ping.remote(), timeout=self.ray_config.start_timeout_s)
                 log.warning("Ray actor of %s replaced", self.name)
             except (RayActorError, GetTimeoutError) as err:
-                log.error("replacement Ray actor of %s did not come up: %s", self.name, _first_line(err))
+                log.error("replacement Ray actor of %s did not come up: %s", self.name, _summary(err))
         finally:
             with self._lock:
                 self._recovery = None
@@ -420,11 +433,17 @@ class RayWorker:
         return self._call("open_requests")
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    lines = [x.strip() for x in text.splitlines() if x.strip()]
-    cause = next((x for x in lines if x.startswith("The actor is dead because")), None)
-    return (lines[0] if lines else type(err).__name__) + (f" {cause}" if cause else "")
+def _summary(err: BaseException) -> str:
+    """A one-line account of a Ray error: what happened, why the actor is dead, and the
+    exception that killed it (Ray's own text spans a traceback)."""
+    lines = [x.strip() for x in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if x.strip()]
+    if not lines:
+        return type(err).__name__
+    parts = [lines[0].split(" (pid=")[0]]
+    parts += [x for x in lines[1:] if x.startswith("The actor is dead because")][:1]
+    if len(lines) > 1 and re.match(r"^[A-Za-z_][\w.]*(Error|Exception)\b", lines[-1]) and lines[-1] not in parts:
+        parts.append(lines[-1])
+    return "; ".join(parts)
 
 
 # ---- building the workers -------------------------------------------------------------------

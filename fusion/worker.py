@@ -103,6 +103,7 @@ class ModelWorker:
         self._sliding = getattr(cfg, "sliding_window", None)
         self.forward_tokens = 0  # tokens fed through the model (for the benchmark)
         self.tok_seconds = 0.0  # time spent in tokenizer work: encode, decode, word starts
+        self.fast = True  # False: no lookahead, no KV reuse, full re-tokenization (reference)
 
     # ---- tokenizer helpers -------------------------------------------------------------
 
@@ -131,7 +132,7 @@ class ModelWorker:
         when re-tokenizing from it reproduces the token that was there (a stable boundary);
         otherwise it moves further back. Returned starts are offsets in the new G."""
         new_g = st.g_text + text
-        back = 8
+        back = 8 if self.fast else len(st.g_ids) + 1
         while True:
             r = max(0, len(st.g_ids) - back)
             while 0 < r < len(st.g_ids) and st.g_starts[r] == st.g_starts[r - 1]:
@@ -167,16 +168,18 @@ class ModelWorker:
         if cur > n:
             _crop_layers(cache, n)
 
-    def _sync(self, st: State) -> None:
-        """Make the cache hold all of `ids` and `logits` the next-token distribution."""
-        if st.kv_len == len(st.ids) and st.logits is not None:
+    def _sync(self, st: State, upto: int | None = None) -> None:
+        """Make the cache hold `ids[:upto]` (default: all of `ids`, with `logits` the
+        next-token distribution after them)."""
+        upto = len(st.ids) if upto is None else upto
+        if st.kv_len >= upto and (upto < len(st.ids) or st.logits is not None):
             return
-        if st.kv_len == len(st.ids):  # logits unknown: re-feed the last token
-            st.kv_len -= 1
-        self._truncate(st.cache, st.kv_len)
-        logits = self._forward(st, st.ids[st.kv_len :])
-        st.kv_len = len(st.ids)
-        st.logits = logits[-1]
+        if st.kv_len >= upto:  # logits unknown: re-feed the last token
+            st.kv_len = upto - 1
+        _crop_layers(st.cache, st.kv_len)
+        logits = self._forward(st, st.ids[st.kv_len : upto])
+        st.kv_len = upto
+        st.logits = logits[-1] if upto == len(st.ids) else None
 
     # ---- Table 1 -------------------------------------------------------------------------
 
@@ -220,6 +223,11 @@ class ModelWorker:
         splitters = self.all_words if align else [self.words]
         with self.lock:
             base = st.committed_len
+            if not self.fast:  # no lookahead: decode again from the committed state
+                del st.ids[base:]
+                st.la_logprobs = []
+                st.kv_len = min(st.kv_len, base)
+                st.logits = None
             toks = st.ids[base:]  # lookahead from the last step
             logps = list(st.la_logprobs)
             ends: list[int | None] = []  # char length of decode(toks[:i+1]) when complete
@@ -275,14 +283,15 @@ class ModelWorker:
         (`nll_sum`: exp of the sum). One forward pass for all candidates that need one."""
         end_id = self.primary_end if end_id is None else end_id
         with self.lock:
-            self._sync(st)
             base = st.committed_len
+            # blocks attend to the committed prefix only: an unfed lookahead token can wait
+            self._sync(st, upto=base)
             nlls: list[list[float] | None] = []
             todo = []  # (index, target, p)
             for i, (text, eos) in enumerate(candidates):
                 target, p = self._candidate_ids(st, text, eos, end_id)
                 own = st.proposal
-                if (own is not None and own.text == text and own.eos == eos and own.n_tokens is not None
+                if (self.fast and own is not None and own.text == text and own.eos == eos and own.n_tokens is not None
                         and p == base and target[base:] == st.ids[base : base + own.n_tokens]):
                     if not eos:  # an end token's log-prob needs the state after the text: a block
                         nlls.append([-x for x in own.logprobs])
@@ -324,25 +333,21 @@ class ModelWorker:
     def _block_mask(self, kv: int, blocks, T: int):
         """(1, 1, T, kv+T) additive mask: block tokens see the committed prefix before their
         anchor and their own block causally (and, on sliding layers, only the window)."""
-        dtype = self.model.dtype
-        neg = torch.finfo(dtype).min
-        q_pos = torch.empty(T, dtype=torch.long)
-        allow = torch.zeros(T, kv + T, dtype=torch.bool)
-        k_pos = torch.cat([torch.arange(kv), torch.empty(T, dtype=torch.long)])
-        off = 0
-        for _, blk, p in blocks:
-            L = len(blk)
-            pos = torch.arange(p - 1, p - 1 + L)
-            q_pos[off : off + L] = pos
-            k_pos[kv + off : kv + off + L] = pos
-            allow[off : off + L, : p - 1] = True
-            allow[off : off + L, kv + off : kv + off + L] = torch.tril(torch.ones(L, L, dtype=torch.bool))
-            off += L
+        dev = self.device
+        lens = torch.tensor([len(blk) for _, blk, _ in blocks], device=dev)  # (B,)
+        firsts = torch.tensor([p - 1 for _, _, p in blocks], device=dev)  # (B,) anchor positions
+        block_of = torch.repeat_interleave(torch.arange(len(blocks), device=dev), lens)  # (T,)
+        offset = torch.arange(T, device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+        q_pos = firsts[block_of] + offset  # (T,) sequence positions of the block tokens
+        k_cached = torch.arange(kv, device=dev)  # (kv,) cache slot == position for the prefix
+        sees_prefix = k_cached[None, :] < firsts[block_of][:, None]  # (T, kv)
+        sees_block = (block_of[:, None] == block_of[None, :]) & (offset[None, :] <= offset[:, None])  # (T, T)
+        allow = torch.cat([sees_prefix, sees_block], 1)  # (T, kv+T)
+        k_pos = torch.cat([k_cached, q_pos])  # (kv+T,)
+        neg = torch.finfo(self.model.dtype).min
 
         def to_mask(a):
-            m = torch.zeros(T, kv + T, dtype=dtype)
-            m.masked_fill_(~a, neg)
-            return m[None, None].to(self.device)
+            return torch.zeros(a.shape, dtype=self.model.dtype, device=dev).masked_fill_(~a, neg)[None, None]
 
         full = to_mask(allow)
         if self._sliding and "sliding_attention" in self._layer_types:
@@ -365,6 +370,9 @@ class ModelWorker:
                 st.g_text += text
                 st.proposal = None
                 st.blocks.clear()
+                if not self.fast:
+                    _crop_layers(st.cache, 0)
+                    st.kv_len, st.logits = 0, None
                 return
             keep, tail, tail_starts = self.retokenize_tail(st, text)
             new_g = st.g_ids[:keep] + tail
@@ -387,6 +395,9 @@ class ModelWorker:
             st.g_ids = new_g
             st.proposal = None
             st.blocks.clear()
+            if not self.fast:  # no KV reuse: the next call re-prefills everything
+                _crop_layers(st.cache, 0)
+                st.kv_len, st.logits = 0, None
 
     def fresh_logits(self, st: State) -> torch.Tensor:
         """Next-token logits from a fresh prefill of `ids` without any cache (for tests)."""

@@ -31,8 +31,15 @@ def engine(config):
 
 
 @pytest.fixture(scope="session")
-def tokenizers(config):
-    """The two real tokenizers without the models (cheap once cached)."""
+def tokenizers():
+    """The two real tokenizers without the models (cheap once cached). On a machine without
+    the model packages (the GPU box), COOLFUSION_TEST_TOKENIZERS=dir1,dir2 names saved copies."""
+    from transformers import AutoTokenizer
+
+    saved = os.environ.get("COOLFUSION_TEST_TOKENIZERS")
+    if saved:
+        return [AutoTokenizer.from_pretrained(d) for d in saved.split(",")]
+    from fusion.config import load_config
     from fusion.loading import load_tokenizer, resolve_source
 
-    return [load_tokenizer(resolve_source(m)) for m in config.models]
+    return [load_tokenizer(resolve_source(m)) for m in load_config(CONFIG).models]

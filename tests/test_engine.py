@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -181,3 +182,17 @@ def test_bad_requests_raise_typed_errors(engine, req, err, param):
         next(engine.generate(req))
     assert info.value.param == param and info.value.message
     assert engine.active_requests == 0
+
+
+def test_fast_paths_change_no_output(engine):
+    """Lookahead and KV reuse, block scoring reuse, skipped scoring on agreement, tail-only
+    re-tokenization and threads are pure speed-ups: turning them all off (a full re-prefill
+    every step) gives the same fused text."""
+    slow = clone_engine(engine, [0, 1], fast_paths=False)
+    reqs = [GenerationRequest(prompt=p, max_tokens=24) for p in PROMPTS] + [
+        GenerationRequest(messages=(Message("user", "Give me two tips for sleeping well."),), max_tokens=24)]
+    for req in reqs:
+        fast_steps = list(engine.generate(replace(req, trace=True)))
+        slow_steps = list(slow.generate(replace(req, trace=True)))
+        assert text_of(fast_steps) == text_of(slow_steps), req
+        assert [s.winner for s in fast_steps] == [s.winner for s in slow_steps]

@@ -1,0 +1,21 @@
+# Cool-Fusion server on a CUDA host: serves config.yaml (the embedded pair by default) on :8000.
+#   docker build -t coolfusion .
+#   docker run --gpus all -p 8000:8000 coolfusion
+# Mount your own config and models:  -v $PWD/my.yaml:/app/config.yaml -v /models:/models
+FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
+
+ENV PYTHONUNBUFFERED=1 \
+    COOLFUSION_CACHE=/cache/coolfusion \
+    HF_HUB_OFFLINE=1
+WORKDIR /app
+COPY pyproject.toml README.md config.yaml ./
+COPY fusion ./fusion
+COPY server ./server
+COPY evaluation ./evaluation
+# torch comes from the base image (CUDA build); the range in pyproject accepts it.
+RUN pip install --no-cache-dir -e . \
+ && python -c "from fusion.config import load_config; from fusion.loading import resolve_source, load_tokenizer; \
+[load_tokenizer(resolve_source(m)) for m in load_config('config.yaml').models]"
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=180s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health').status != 200)"
+CMD ["coolfusion", "serve", "--config", "config.yaml", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up a virtual environment and run the whole test suite (the README's second command).
+# On a fresh machine: creates .venv, installs the project with its test extras, installs
+# Debian's Chromium for the browser tests when it can (root + apt), then runs pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch==2.13.0: a CPU wheel on the project's CI machines; elsewhere pick your own build first.
+.venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/pip install -q "torch==2.13.0" -e ".[test]"
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
+    || echo "note: could not install chromium; the browser tests will be skipped"
+fi
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
