@@ -4,7 +4,7 @@ The fusion trace (request `"fusion": {"trace": true}`): a non-streamed response 
 `fusion_trace` at the top level, the steps of choice 0; when a response has more than one
 choice (n > 1 or a list of prompts), every choice also carries its own `fusion_trace`.
 In a stream every content chunk carries its step as `fusion_step`. A step is
-`{"text", "winner", "eos", "candidates": [{"text", "proposed_by", "ppl": {model: value},
+`{"text", "winner", "eos", "candidates": [{"text", "proposed_by", "eos", "ppl": {model: value},
 "mean_ppl"}]}`; a perplexity that is not finite is sent as null.
 
 With `"fusion": {"judge": true}` every source model scores the whole answer after the
@@ -55,6 +55,7 @@ def trace_step(step: Step) -> dict[str, Any]:
             {
                 "text": c.text,
                 "proposed_by": list(c.proposed_by),
+                "eos": c.eos,
                 "ppl": dict(c.ppl),
                 "mean_ppl": c.mean_ppl,
             }
