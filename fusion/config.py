@@ -83,12 +83,12 @@ class ServerConfig(BaseModel):
 
 
 class RayResources(BaseModel):
-    """What one model's Ray actor asks the cluster for."""
+    """What one model's Ray actor asks the cluster for (unset: the `ray:` section's value)."""
 
     model_config = _STRICT
 
-    num_cpus: float = Field(default=1.0, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)
 
 
 class RayConfig(BaseModel):
@@ -105,10 +105,9 @@ class RayConfig(BaseModel):
     start_timeout_s: float = Field(default=900.0, gt=0)  # wait for an actor to load its model
 
     def resources(self, name: str) -> RayResources:
-        own = self.models.get(name)
-        fields = own.model_fields_set if own is not None else set()
-        return RayResources(num_cpus=own.num_cpus if "num_cpus" in fields else self.num_cpus,
-                            num_gpus=own.num_gpus if "num_gpus" in fields else self.num_gpus)
+        own = self.models.get(name) or RayResources()
+        return RayResources(num_cpus=self.num_cpus if own.num_cpus is None else own.num_cpus,
+                            num_gpus=self.num_gpus if own.num_gpus is None else own.num_gpus)
 
 
 class Config(BaseModel):

@@ -66,7 +66,8 @@ class ModelActor:
 
         self.name = m.name
         src = resolve_source(m)
-        device = resolve_device(m.device)
+        # "auto": the GPU Ray gave this actor (num_gpus), else the CPU, never an unrequested GPU
+        device = resolve_device("cpu" if m.device == "auto" and not ray.get_gpu_ids() else m.device)
         dtype = resolve_dtype(m.dtype, device, src.gguf_file is not None)
         log.info("actor loading %s from %s on %s (%s)", m.name, src.directory, device, dtype)
         tok = load_tokenizer(src)

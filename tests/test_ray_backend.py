@@ -1,0 +1,142 @@
+"""`backend: ray` (fusion/ray_backend.py): the source models as Ray actors, on a local Ray
+cluster on loopback (CPU) with the real embedded pair. The Ray tests are skipped when Ray is
+not installed (`pip install '.[ray]'`); the config tests run either way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from fusion.config import Config, parse_config
+from fusion.errors import ConfigError, NotReady
+from fusion.types import GenerationRequest, Message
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Ray is not installed (pip install '.[ray]')")
+
+REQUESTS = [
+    GenerationRequest(prompt="The capital of France is", max_tokens=24, trace=True),
+    GenerationRequest(prompt="def fibonacci(n):", max_tokens=20, trace=True),
+    GenerationRequest(messages=(Message("user", "Name three primary colors."),), max_tokens=20, trace=True),
+]
+
+
+def as_ray(config: Config, **ray) -> dict:
+    data = config.model_dump()
+    data["backend"] = "ray"
+    data["ray"] = {**data["ray"], **ray}
+    return data
+
+
+# ---- config ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"ray": {"adress": "auto"}}, "ray.adress"),
+    ({"backend": "slurm"}, "backend"),
+    ({"ray": {"num_gpus": -1}}, "ray.num_gpus"),
+    ({"ray": {"models": {"llama-3": {"num_gpus": 1}}}}, "ray.models.llama-3"),
+    ({"ray": {"models": {"smollm2-135m": {"gpus": 1}}}}, "ray.models.smollm2-135m.gpus"),
+])
+def test_ray_config_errors_name_the_key(config, change, key):
+    data = {**config.model_dump(), **change}
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_config(data)
+
+
+def test_per_model_ray_resources_override_the_defaults(config):
+    cfg = parse_config(as_ray(config, num_cpus=2, models={"gemma3-270m": {"num_gpus": 0.5}}))
+    assert cfg.backend == "ray"
+    assert (cfg.ray.resources("smollm2-135m").num_cpus, cfg.ray.resources("smollm2-135m").num_gpus) == (2, 0)
+    assert (cfg.ray.resources("gemma3-270m").num_cpus, cfg.ray.resources("gemma3-270m").num_gpus) == (2, 0.5)
+
+
+def test_backend_ray_without_ray_installed_fails_at_start_up_naming_the_key(config, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"^backend: 'ray' needs the Ray package.*pip install"):
+        parse_config(as_ray(config))
+    parse_config(config.model_dump())  # backend: local needs no Ray
+
+
+def test_importing_the_engine_does_not_import_ray():
+    code = "import sys, fusion.engine, fusion.config, fusion.loop; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ---- on a local Ray cluster -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_engine(config):
+    """The engine with `backend: ray`: one actor per model on a fresh local cluster (loopback)."""
+    import ray
+
+    from fusion import ray_backend
+    from fusion.engine import Engine
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        engine = Engine.from_config(parse_config(as_ray(config, num_cpus=1)))
+        yield engine
+        ray_backend.shutdown(engine)
+    finally:
+        ray.shutdown()
+
+
+def comparable(steps):
+    return [(s.text, s.winner, s.eos, s.finish_reason, s.completion_tokens, s.prompt_tokens,
+             [(c.text, c.proposed_by, c.eos) for c in s.candidates]) for s in steps]
+
+
+@needs_ray
+@pytest.mark.parametrize("req", REQUESTS, ids=["france", "code", "chat"])
+def test_ray_backend_gives_byte_identical_output_to_the_local_backend(engine, ray_engine, req):
+    from fusion.ray_backend import RayWorker
+
+    assert all(isinstance(w, RayWorker) for w in ray_engine.workers)
+    local = list(engine.generate(req))
+    remote = list(ray_engine.generate(req))
+    assert "".join(s.text for s in remote).encode() == "".join(s.text for s in local).encode()
+    assert comparable(remote) == comparable(local)  # same segments, winners and candidates
+    for a, b in zip(remote, local):  # PPLs agree up to float summation order (1 vs 2 BLAS threads)
+        for ca, cb in zip(a.candidates, b.candidates):
+            assert ca.ppl.keys() == cb.ppl.keys()
+            assert all(math.isclose(ca.ppl[k], cb.ppl[k], rel_tol=1e-4) for k in ca.ppl)
+    assert all(w.open_requests() == 0 for w in ray_engine.workers)  # every state was closed
+
+
+@needs_ray
+@pytest.mark.parametrize("ray_restarts", [False, True], ids=["proxy-replaces", "ray-restarts"])
+def test_killing_an_actor_mid_request_fails_it_with_503_and_the_next_request_succeeds(
+        engine, ray_engine, ray_restarts):
+    """ray.kill(no_restart=True) leaves the actor dead for good: the proxy starts a new one;
+    with no_restart=False Ray restarts it (max_restarts). Either way the request in flight
+    fails with NotReady (503) and the next request gives the right output."""
+    import ray
+
+    victim = ray_engine.workers[0]
+    long = GenerationRequest(prompt="Tell me a long story about a dragon:", max_tokens=300)
+    gen = ray_engine.generate(long)
+    next(gen)  # the request is running on both actors
+    killer = threading.Timer(0.3, ray.kill, (victim.actor,), {"no_restart": not ray_restarts})
+    killer.start()
+    with pytest.raises(NotReady, match=victim.name) as err:
+        for _ in gen:
+            pass
+    killer.join()
+    assert err.value.status == 503 and "retry" in err.value.message
+    assert ray_engine.active_requests == 0
+
+    req = REQUESTS[0]
+    after = list(ray_engine.generate(req))  # waits for the restarted actor to load
+    assert comparable(after) == comparable(engine.generate(req))
+    assert all(w.healthy for w in ray_engine.workers)
+    assert all(w.open_requests() == 0 for w in ray_engine.workers)
