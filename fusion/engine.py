@@ -44,7 +44,6 @@ class Engine:
             if self.fusion.parallel and self.fusion.fast_paths and len(workers) > 1 else None
         self._active = 0
         self._active_lock = threading.Lock()
-        self.ready = True
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -75,6 +74,20 @@ class Engine:
     @property
     def active_requests(self) -> int:
         return self._active
+
+    @property
+    def ready(self) -> bool:
+        """False while a worker is unavailable (a Ray actor being restarted): /health 503."""
+        return all(getattr(w, "healthy", True) for w in self.workers)
+
+    def close(self) -> None:
+        """Release the thread pool and any remote workers (Ray actors)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        if any(type(w).__module__.endswith("ray_backend") for w in self.workers):
+            from .ray_backend import shutdown
+
+            shutdown(self)
 
     # ---- validation --------------------------------------------------------------------------
 
