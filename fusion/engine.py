@@ -225,19 +225,21 @@ class Engine:
         return loop.rerank(run, [(text, eos, (req.model,))]).candidates[0]
 
     def _rerank(self, req, cancel, runs) -> loop.RawStep:
-        single = replace(req, trace=False)
+        """Each source model (and, for Cool+Rerank, Cool) writes a whole answer, then every
+        model scores every answer. The answers are written concurrently on threads of their
+        own: the shared pool serves only per-phase worker calls, which never nest."""
+        single = replace(req, trace=False, judge=False)
         ids = list(self.source_names) + ([COOL] if req.model == COOL_RERANK else [])
-        conts = []
         if self._pool is not None:
-            futures = [self._pool.submit(self.complete_text, replace(single, model=m), cancel)
-                       for m in self.source_names]
-            outs = [f.result() for f in futures]
-            if req.model == COOL_RERANK:
+            with ThreadPoolExecutor(max_workers=len(self.source_names), thread_name_prefix="cf-rerank") as ex:
+                futures = [ex.submit(self.complete_text, replace(single, model=m), cancel)
+                           for m in self.source_names]
+                outs = [f.result() for f in futures]
+            if req.model == COOL_RERANK:  # uses every worker: after the single answers
                 outs.append(self.complete_text(replace(single, model=COOL), cancel))
         else:
             outs = [self.complete_text(replace(single, model=m), cancel) for m in ids]
-        for m, (text, finish) in zip(ids, outs):
-            conts.append((text, finish == "stop", (m,)))
+        conts = [(text, finish == "stop", (m,)) for m, (text, finish) in zip(ids, outs)]
         if cancel is not None and cancel.is_set():
             raise Cancelled("generation cancelled")
         run = self._open(self.workers, req, cancel, runs)

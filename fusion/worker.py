@@ -253,6 +253,9 @@ class ModelWorker:
                     n = max((i + 1 for i, e in enumerate(ends) if e is not None), default=0)
                     if n:  # never an empty candidate: go on until a character is complete
                         prop = Proposal(self.decode(toks[:n]), False, n, logps[:n], True, _starts(ends[:n]))
+                    elif len(toks) >= max_tokens + 3:  # a character has at most 4 bytes: these never
+                        # complete one (not UTF-8), so cut anyway; decode() made them U+FFFD
+                        prop = Proposal(self.decode(toks), False, len(toks), logps, True, _starts(ends))
             st.la_logprobs = logps
             st.proposal = prop
             return prop

@@ -13,26 +13,64 @@ from typing import Any, Awaitable, Callable
 
 import anyio
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette import EventSourceResponse
 
 from fusion.errors import UnknownModel
 
 from .errors import dumps
 from .jobs import Job, collect, prepare, stream_events
-from .schemas import ChatCompletionRequest, CompletionRequest
+from .schemas import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    sse_event_schema,
+)
 from .state import AppState, get_state
 
 router = APIRouter()
 
+# ---- documented responses (the OpenAPI schema; every error body is server.errors' shape) ----
 
-@router.get("/health", summary="200 when the engine is ready, 503 while loading, broken or stopping")
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "Client error (400 invalid request or context_length_exceeded, "
+            "401 missing or wrong API key, 404 unknown model or route, 413 body too large)"},
+    429: {"model": ErrorResponse, "description": "Overloaded: every slot and queue place is taken", "headers": _RETRY_AFTER},
+    503: {"model": ErrorResponse, "description": "Engine loading or broken, queue timeout, or shutting down",
+          "headers": _RETRY_AFTER},
+}
+
+
+def _errors(*codes: int | str) -> dict[int | str, dict[str, Any]]:
+    return {c: _ERRORS[c] for c in codes}
+
+
+def _generation_responses(body: type, chunk: type) -> dict[int | str, dict[str, Any]]:
+    stream = {"schema": sse_event_schema(chunk)}
+    return {200: {"model": body, "description": "The completion; with `stream: true`, server-sent events "
+                  "(one chunk per fused segment, then `[DONE]`; an error after the start comes in-band)",
+                  "content": {"text/event-stream": stream}},
+            **_errors("4XX", 429, 503)}
+
+
+@router.get("/health", summary="200 when the engine is ready, 503 while loading, broken or stopping",
+            responses={200: {"model": Health}, 503: {"model": Health, "description": "Not ready"}})
 async def health(state: AppState = Depends(get_state)) -> JSONResponse:
     status, body = state.health()
     return JSONResponse(body, status_code=status)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+            responses={"4XX": {"description": _ERRORS["4XX"]["description"],
+                               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}})
 async def metrics(state: AppState = Depends(get_state)) -> Response:
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
@@ -41,13 +79,15 @@ def _model_card(state: AppState, model_id: str) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": state.created, "owned_by": "coolfusion"}
 
 
-@router.get("/v1/models", summary="The fused variants and every source model")
+@router.get("/v1/models", summary="The fused variants and every source model", response_model=None,
+            responses={200: {"model": ModelList}, **_errors("4XX", 503)})
 async def list_models(state: AppState = Depends(get_state)) -> dict[str, Any]:
     engine = state.require_engine()
     return {"object": "list", "data": [_model_card(state, m) for m in engine.model_ids()]}
 
 
-@router.get("/v1/models/{model_id:path}", summary="One model")
+@router.get("/v1/models/{model_id:path}", summary="One model", response_model=None,
+            responses={200: {"model": ModelCard}, **_errors("4XX", 503)})
 async def get_model(model_id: str, state: AppState = Depends(get_state)) -> dict[str, Any]:
     engine = state.require_engine()
     if model_id not in engine.model_ids():
@@ -55,12 +95,14 @@ async def get_model(model_id: str, state: AppState = Depends(get_state)) -> dict
     return _model_card(state, model_id)
 
 
-@router.post("/v1/completions", summary="Text completion (OpenAI-compatible), streamed per fused segment")
+@router.post("/v1/completions", summary="Text completion (OpenAI-compatible), streamed per fused segment",
+             responses=_generation_responses(CompletionResponse, CompletionChunk))
 async def completions(body: CompletionRequest, request: Request, state: AppState = Depends(get_state)) -> Response:
     return await _respond(state, body, request)
 
 
-@router.post("/v1/chat/completions", summary="Chat completion (OpenAI-compatible), streamed per fused segment")
+@router.post("/v1/chat/completions", summary="Chat completion (OpenAI-compatible), streamed per fused segment",
+             responses=_generation_responses(ChatCompletionResponse, ChatCompletionChunk))
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: AppState = Depends(get_state)) -> Response:
     return await _respond(state, body, request)
 

@@ -221,7 +221,7 @@ def _check_step(step: dict, sources: list[str]) -> None:
     assert set(step) == {"text", "winner", "eos", "candidates"}
     assert step["winner"] in sources
     for cand in step["candidates"]:
-        assert set(cand) == {"text", "proposed_by", "ppl", "mean_ppl"}
+        assert set(cand) == {"text", "proposed_by", "eos", "ppl", "mean_ppl"}
         assert set(cand["ppl"]) <= set(sources)
         assert all(v is None or math.isfinite(v) for v in cand["ppl"].values())
     assert step["text"] in [c["text"] for c in step["candidates"]]

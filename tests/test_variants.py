@@ -72,3 +72,18 @@ def test_chat_requests_work_for_every_variant(engine):
     for model in ["cool-fusion", "cool-fusion-noalign", "rerank"]:
         steps = list(engine.generate(GenerationRequest(messages=(Message("user", "Say hi."),), model=model, max_tokens=6)))
         assert steps[-1].finish_reason in ("stop", "length")
+
+
+def test_concurrent_rerank_requests_with_judge_never_deadlock(engine):
+    """Rerank fans out to whole single-model answers; with the judge on, several at once
+    once exhausted the shared worker pool and hung. They must all finish."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    req = GenerationRequest(prompt="The sky is", model="cool-fusion-rerank", max_tokens=4, judge=True)
+    with ThreadPoolExecutor(3) as ex:
+        futures = [ex.submit(lambda: list(engine.generate(req))) for _ in range(3)]
+        outs = [f.result(timeout=600) for f in futures]
+    texts = {"".join(s.text for s in steps) for steps in outs}
+    assert len(texts) == 1  # greedy: the same answer each time
+    assert all(steps[-1].judge is not None for steps in outs)
+    assert engine.active_requests == 0
