@@ -52,6 +52,9 @@ def add_arguments(p) -> None:
                    help="with --shapes: comma-separated tokenizer directories, one per shape (cycled)")
     p.add_argument("--device", default="cuda", help="with --shapes: device (default: cuda)")
     p.add_argument("--skip-hf", action="store_true", help="skip (a), plain transformers generate")
+    p.add_argument("--ray", action="store_true",
+                   help="also run (c) with backend: ray on a local Ray cluster and print the Ray "
+                        "overhead per step against local (needs pip install .[ray])")
 
 
 def _peak_mem() -> dict:
@@ -178,6 +181,28 @@ def _step_time_at(engine, context_tokens: int, steps: int) -> float:
     return 1000 * dt / max(done, 1)
 
 
+def _ray_overhead(args, prompts, n, local: dict) -> dict:
+    """(c) again with one Ray actor per model; overhead = master round trips minus actor time."""
+    from . import ray_backend
+    from .config import load_config
+    from .engine import Engine
+    from .types import COOL
+
+    engine = Engine.from_config(ray_backend.ray_config(load_config(args.config), address="local"))
+    try:
+        _engine_run(engine, COOL, prompts[:1], 8)  # warm-up
+        for w in engine.workers:
+            w.reset_stats()
+        r = _engine_run(engine, COOL, prompts, n)
+        overhead = sum(v["overhead_s"] for w in engine.workers for v in w.call_stats().values())
+        per = max(r["steps"], 1)
+        r["ray_overhead_ms_per_step"] = 1000 * overhead / per
+        r["local_ms_per_step"] = local["ms_per_step"]["total"]
+        return r
+    finally:
+        engine.close()
+
+
 def run(args) -> int:
     from .types import COOL
 
@@ -210,6 +235,8 @@ def run(args) -> int:
     res["floor_device_per_model_chars_per_s"] = floor_many
     res["fused_vs_floor"] = fused / floor_one
     res["fused_vs_floor_device_per_model"] = fused / floor_many
+    if args.ray and not args.shapes:
+        res["ray"] = _ray_overhead(args, prompts, n, res["cool_fusion"])
     short = _step_time_at(engine, 100, args.growth_steps)
     long = _step_time_at(engine, 2000, args.growth_steps)
     res["ms_per_step_at_100"] = short
@@ -248,6 +275,10 @@ def _print(res, names) -> None:
           f"fused_vs_floor_device_per_model: {res['fused_vs_floor_device_per_model']:.2f}")
     print(f"fused ms/step at ~100 context tokens: {res['ms_per_step_at_100']:.1f}   at ~2000: "
           f"{res['ms_per_step_at_2000']:.1f}   cost_growth: {res['cost_growth']:.2f}")
+    if "ray" in res:
+        r = res["ray"]
+        print(f"(c) cool-fusion, backend ray: {r['chars_per_s']:.1f} chars/s, {r['ms_per_step']['total']:.1f} ms/step "
+              f"(local {r['local_ms_per_step']:.1f}); Ray overhead {r['ray_overhead_ms_per_step']:.1f} ms/step")
     print(f"peak memory: {json.dumps(res['peak_memory'])}")
 
 

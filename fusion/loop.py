@@ -73,6 +73,11 @@ def assess(run: Run, proposals: list[Proposal]) -> list[Candidate]:
     if len(keys) == 1 and run.workers[0].fast:
         (text, eos), by = next(iter(keys.items()))
         return [Candidate(text, tuple(by), eos)]
+    return _scored(run, keys)
+
+
+def _scored(run: Run, keys: dict[tuple[str, bool], list[str]]) -> list[Candidate]:
+    """Every model scores every (text, eos) candidate in one batched pass; mean PPL each."""
     cands = list(keys)
     ppls = _timed(run, "score", lambda w, s: w.score(s, cands, end_id=run.end_ids[run.workers.index(w)], mode=run.score_mode))
     out = []
@@ -115,11 +120,6 @@ def rerank(run: Run, continuations: list[tuple[str, bool, tuple[str, ...]]]) -> 
     merged: dict[tuple[str, bool], list[str]] = {}
     for text, eos, by in continuations:
         merged.setdefault((text, eos), []).extend(b for b in by if b not in merged.get((text, eos), []))
-    keys = list(merged)
-    ppls = _timed(run, "score", lambda w, s: w.score(s, keys, end_id=run.end_ids[run.workers.index(w)], mode=run.score_mode))
-    cands = []
-    for j, (text, eos) in enumerate(keys):
-        ppl = {w.name: ppls[i][j] for i, w in enumerate(run.workers)}
-        cands.append(Candidate(text, tuple(merged[(text, eos)]), eos, ppl, sum(ppl.values()) / len(ppl)))
+    cands = _scored(run, merged)
     win = min(cands, key=lambda c: c.mean_ppl)
     return RawStep(win.text, win.proposed_by[0], win.eos, tuple(cands))
