@@ -289,6 +289,7 @@ def _finish(raw: Iterator[loop.RawStep], req: GenerationRequest, ref: ModelWorke
             end, finish = hit, "stop"
         # max_tokens in the reference tokenizer
         ids, starts = ref.encode_with_starts(g[:end])
+        counted = end  # `ids` are the tokens of g[:counted]
         if len(ids) >= req.max_tokens:
             cut = starts[req.max_tokens] if len(ids) > req.max_tokens else end
             if cut <= end:
@@ -299,7 +300,7 @@ def _finish(raw: Iterator[loop.RawStep], req: GenerationRequest, ref: ModelWorke
             end -= _held(g[:end], req.stop)
         text = g[emitted:end]
         emitted = max(emitted, end)
-        n = len(ref.encode(g[:emitted]))
+        n = len(ids) if emitted == counted else len(ref.encode(g[:emitted]))  # encode once per step
         yield Step(text, step.winner, step.eos and finish == "stop", step.candidates if req.trace else (),
                    finish, min(n, req.max_tokens), prompt_tokens)
         if finish is not None:

@@ -162,12 +162,6 @@ class ModelWorker:
         self.forward_tokens += len(tokens)
         return out.logits[0].float()  # (T, V)
 
-    @staticmethod
-    def _truncate(cache, n: int) -> None:
-        cur = cache.get_seq_length()
-        if cur > n:
-            _crop_layers(cache, n)
-
     def _sync(self, st: State, upto: int | None = None) -> None:
         """Make the cache hold `ids[:upto]` (default: all of `ids`, with `logits` the
         next-token distribution after them)."""
@@ -426,7 +420,7 @@ def _starts(ends: list[int | None]) -> list[int]:
 
 def _complete(text: str) -> str:
     """Drop a trailing incomplete UTF-8 sequence."""
-    return text.rstrip(REPLACEMENT) if text.endswith(REPLACEMENT) else text
+    return text.rstrip(REPLACEMENT)
 
 
 def _crop_layers(cache, n: int) -> None:
