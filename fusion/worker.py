@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import kvcache
 from .words import REPLACEMENT, WordStarts, first_boundary
 
 
@@ -54,7 +55,7 @@ class State:
     """One request's view of one model."""
 
     prompt_ids: list[int]
-    cache: object  # transformers DynamicCache
+    cache: object  # kvcache.new_cache(): a DynamicCache growing in place
     generator: torch.Generator | None
     temperature: float = 0.0
     top_p: float = 1.0
@@ -170,7 +171,7 @@ class ModelWorker:
             return
         if st.kv_len >= upto:  # logits unknown: re-feed the last token
             st.kv_len = upto - 1
-        _crop_layers(st.cache, st.kv_len)
+        kvcache.crop(st.cache, st.kv_len)
         logits = self._forward(st, st.ids[st.kv_len : upto])
         st.kv_len = upto
         st.logits = logits[-1] if upto == len(st.ids) else None
@@ -178,16 +179,12 @@ class ModelWorker:
     # ---- Table 1 -------------------------------------------------------------------------
 
     def open(self, prompt_ids: list[int], *, temperature=0.0, top_p=1.0, seed=None) -> State:
-        from transformers import DynamicCache
-
         gen = None
         if temperature > 0:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(seed if seed is not None else torch.seed())
-        # A plain DynamicCache (all layers full, croppable); sliding-window layers still get
-        # their window through the attention mask.
         return State(
-            prompt_ids=list(prompt_ids), cache=DynamicCache(), generator=gen,
+            prompt_ids=list(prompt_ids), cache=kvcache.new_cache(), generator=gen,
             temperature=temperature, top_p=top_p, ids=list(prompt_ids),
         )
 
@@ -360,7 +357,7 @@ class ModelWorker:
                 # own proposal won: keep the tokens it generated (so a model fused with itself
                 # decodes exactly as alone) and the lookahead beyond them
                 base, n = st.committed_len, own.n_tokens
-                _crop_layers(st.cache, st.kv_len)
+                kvcache.crop(st.cache, st.kv_len)
                 st.la_logprobs = st.la_logprobs[n:]
                 st.g_starts = st.g_starts + [len(st.g_text) + s for s in own.starts]
                 st.g_ids = st.g_ids + st.ids[base : base + n]
@@ -368,7 +365,7 @@ class ModelWorker:
                 st.proposal = None
                 st.blocks.clear()
                 if not self.fast:
-                    _crop_layers(st.cache, 0)
+                    kvcache.crop(st.cache, 0)
                     st.kv_len, st.logits = 0, None
                 return
             keep, tail, tail_starts = self.retokenize_tail(st, text)
@@ -376,16 +373,16 @@ class ModelWorker:
             target = st.prompt_ids + new_g
             block = None if eos else st.blocks.get((text, eos))
             if st.ids[: len(target)] == target:  # the lookahead already holds these tokens
-                _crop_layers(st.cache, st.kv_len)
+                kvcache.crop(st.cache, st.kv_len)
                 st.la_logprobs = st.la_logprobs[len(target) - st.committed_len :]
             elif block is not None:  # move the winner's scored block into place
                 n = len(block.tokens) - 1
-                _move_slots(st.cache, block.slot + 1, block.start, n)
-                _crop_layers(st.cache, block.start + n)
+                kvcache.move(st.cache, block.slot + 1, block.start, n)
+                kvcache.crop(st.cache, block.start + n)
                 st.ids, st.kv_len, st.logits, st.la_logprobs = list(target), len(target), block.last_logits, []
             else:  # keep the common prefix; the rest is fed lazily by the next propose/score
                 common = common_prefix(st.ids[: st.kv_len], target)
-                _crop_layers(st.cache, common)
+                kvcache.crop(st.cache, common)
                 st.ids, st.kv_len, st.logits, st.la_logprobs = list(target), common, None, []
             st.g_text += text
             st.g_starts = st.g_starts[:keep] + tail_starts
@@ -393,7 +390,7 @@ class ModelWorker:
             st.proposal = None
             st.blocks.clear()
             if not self.fast:  # no KV reuse: the next call re-prefills everything
-                _crop_layers(st.cache, 0)
+                kvcache.crop(st.cache, 0)
                 st.kv_len, st.logits = 0, None
 
     def fresh_logits(self, st: State) -> torch.Tensor:
@@ -421,26 +418,3 @@ def _starts(ends: list[int | None]) -> list[int]:
 def _complete(text: str) -> str:
     """Drop a trailing incomplete UTF-8 sequence."""
     return text.rstrip(REPLACEMENT)
-
-
-def _crop_layers(cache, n: int) -> None:
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is not None and layer.keys.numel() and layer.keys.shape[-2] > n:
-            layer.keys = layer.keys[..., :n, :]
-            layer.values = layer.values[..., :n, :]
-
-
-def _move_slots(cache, src: int, dst: int, n: int) -> None:
-    """Copy cache slots [src, src+n) to [dst, dst+n) in every layer (src >= dst)."""
-    if src == dst or n <= 0:
-        return
-    with torch.inference_mode():
-        _move_layers(cache, src, dst, n)
-
-
-def _move_layers(cache, src: int, dst: int, n: int) -> None:
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is None or not layer.keys.numel():
-            continue
-        layer.keys[..., dst : dst + n, :] = layer.keys[..., src : src + n, :].clone()
-        layer.values[..., dst : dst + n, :] = layer.values[..., src : src + n, :].clone()

@@ -75,3 +75,54 @@ def test_block_scoring_equals_one_forward_per_candidate(tiny_engine):
     for a, b in zip(together, alone):
         assert math.isclose(a, b, rel_tol=1e-3), (together, alone)
     w.close(st)
+
+
+def test_growing_kv_cache_matches_dynamic_cache_and_appends_in_place(tiny_engine):
+    """The engine's cache (kvcache.GrowingLayer) gives the same logits as transformers'
+    DynamicCache through appends, crops and block moves, and an append within its capacity
+    writes into the storage it already has (no copy of the cache per token)."""
+    from transformers import DynamicCache
+
+    from fusion import kvcache
+
+    model = tiny_engine.workers[1].model  # Gemma-3 shaped: sliding and full layers
+    ours, ref = kvcache.new_cache(), DynamicCache()
+    g = torch.Generator().manual_seed(0)
+
+    def feed(cache, toks, start):
+        pos = torch.arange(start, start + len(toks), device=DEVICE)
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([toks], device=DEVICE), past_key_values=cache, use_cache=True,
+                        position_ids=pos[None], cache_position=pos)
+        return out.logits[0]
+
+    def ref_crop(n):
+        for layer in ref.layers:
+            layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+
+    n = 0
+    for step in range(12):
+        toks = torch.randint(0, 1000, (1 + step % 3,), generator=g).tolist()
+        a, b = feed(ours, toks, n), feed(ref, toks, n)
+        assert torch.allclose(a, b, atol=1e-4), step
+        n += len(toks)
+        if step % 4 == 3:  # crop back two slots, as a commit that keeps a common prefix does
+            n -= 2
+            kvcache.crop(ours, n)
+            ref_crop(n)
+    storage = [layer._k.data_ptr() for layer in ours.layers]
+    spare = ours.layers[0]._k.shape[-2] - n
+    for _ in range(min(spare, 5)):
+        tok = torch.randint(0, 1000, (1,), generator=g).tolist()
+        assert torch.allclose(feed(ours, tok, n), feed(ref, tok, n), atol=1e-4)
+        n += 1
+    assert [layer._k.data_ptr() for layer in ours.layers] == storage
+    # move the last 3 slots two places back (a scored block moved into place), then compare
+    kvcache.move(ours, n - 3, n - 5, 3)
+    kvcache.crop(ours, n - 2)
+    with torch.inference_mode():
+        for layer in ref.layers:
+            layer.keys = torch.cat([layer.keys[..., : n - 5, :], layer.keys[..., n - 3 : n, :]], -2)
+            layer.values = torch.cat([layer.values[..., : n - 5, :], layer.values[..., n - 3 : n, :]], -2)
+    tok = [7]
+    assert torch.allclose(feed(ours, tok, n), feed(ref, tok, n), atol=1e-4)
