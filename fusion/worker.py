@@ -19,6 +19,7 @@ The cache is never rebuilt from scratch after `open`:
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 import time
@@ -102,6 +103,9 @@ class ModelWorker:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self._layer_types = tuple(getattr(cfg, "layer_types", None) or ())
         self._sliding = getattr(cfg, "sliding_window", None)
+        # transformers 5.2x renamed the forward's `past_key_values` to `cache`
+        params = inspect.signature(getattr(model, "forward", model)).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.forward_tokens = 0  # tokens fed through the model (for the benchmark)
         self.tok_seconds = 0.0  # time spent in tokenizer work: encode, decode, word starts
         self.fast = True  # False: no lookahead, no KV reuse, full re-tokenization (reference)
@@ -146,8 +150,9 @@ class ModelWorker:
 
     # ---- KV cache primitives -------------------------------------------------------------
 
-    def _forward(self, st: State, tokens: list[int], positions=None, mask=None) -> torch.Tensor:
-        """Feed `tokens` after the cache's current contents; returns logits (T, V)."""
+    def _forward(self, st: State, tokens: list[int], positions=None, mask=None, last_only=False) -> torch.Tensor:
+        """Feed `tokens` after the cache's current contents; returns logits (T, V), or (1, V)
+        for the last token only (`last_only`: a prefill skips the LM head on the others)."""
         past = st.cache.get_seq_length()
         inp = torch.tensor([tokens], device=self.device)  # (1, T)
         kwargs = {}
@@ -158,8 +163,11 @@ class ModelWorker:
         kwargs["cache_position"] = torch.arange(past, past + len(tokens), device=self.device)
         if mask is not None:
             kwargs["attention_mask"] = mask
+        if last_only:
+            kwargs["logits_to_keep"] = 1
+        kwargs[self._cache_kw] = st.cache
         with torch.inference_mode():
-            out = self.model(input_ids=inp, past_key_values=st.cache, use_cache=True, **kwargs)
+            out = self.model(input_ids=inp, use_cache=True, **kwargs)
         self.forward_tokens += len(tokens)
         return out.logits[0].float()  # (T, V)
 
@@ -172,7 +180,7 @@ class ModelWorker:
         if st.kv_len >= upto:  # logits unknown: re-feed the last token
             st.kv_len = upto - 1
         kvcache.crop(st.cache, st.kv_len)
-        logits = self._forward(st, st.ids[st.kv_len : upto])
+        logits = self._forward(st, st.ids[st.kv_len : upto], last_only=True)
         st.kv_len = upto
         st.logits = logits[-1] if upto == len(st.ids) else None
 
