@@ -6,16 +6,26 @@ and prints side by side: characters/s and tokens/s, time per step split into pro
 score / commit / tokenizer work, segments per request, how often all proposals agreed, and
 peak memory. The floors (DESIGN.md section 4): with r_v the characters/s of model v under
 (a), one device costs 1 / sum_v(1/r_v) per output character, one device per model min_v r_v.
-`cost_growth` is the fused time per step at a ~2,000-token context over that at ~100.
+`cost_growth` is the fused time per step at a ~2,000-token context over that at ~100
+(medians of interleaved repeats: the two lengths see the same machine noise).
+
+The character floor assumes the fused text is like each model's own text. It is for trained
+models; random-weight models emit long random vocabulary pieces alone while the fused text,
+cut at word boundaries common to every tokenizer, is made of short ones, so the characters
+per token differ several-fold. The token floor prices the fused text itself: every model
+decoding T_v(fused text) at its own (a) tokens/s, sum_v n_v / t_v (`fused_vs_floor_tokens`).
 
 `--shapes` (CUDA) replaces the configured models by random-weight bf16 models shaped like
-the paper's (Llama-3-8B, Phi-3-mini, GLM-4-9B) over the embedded tokenizers.
+the paper's (Llama-3-8B, Phi-3-mini, GLM-4-9B) over the embedded tokenizers;
+`--random-weights` keeps the configured models' architectures and tokenizers but draws
+their weights at random (any device): the same models with and without training.
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -45,12 +55,16 @@ def add_arguments(p) -> None:
     p.add_argument("--max-tokens", type=int, default=48, help="tokens per request (default: 48)")
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"prompts to run (max {len(PROMPTS)})")
     p.add_argument("--growth-steps", type=int, default=12, help="fused steps timed at each context length")
+    p.add_argument("--growth-repeats", type=int, default=3,
+                   help="interleaved repeats of the 100/2,000-token timings; medians are reported (default: 3)")
     p.add_argument("--shapes", default=None,
                    help="CUDA only: comma-separated random-weight shapes instead of the config's models "
                         f"({', '.join(SHAPES)}); tokenizers from --tokenizers")
     p.add_argument("--tokenizers", default=None,
                    help="with --shapes: comma-separated tokenizer directories, one per shape (cycled)")
     p.add_argument("--device", default="cuda", help="with --shapes: device (default: cuda)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="the configured models' architectures and tokenizers with random weights")
     p.add_argument("--skip-hf", action="store_true", help="skip (a), plain transformers generate")
     p.add_argument("--ray", action="store_true",
                    help="also run (c) with backend: ray on a local Ray cluster and print the Ray "
@@ -71,11 +85,31 @@ def _sync():
 
 def build_engine(args):
     from .config import FusionConfig, load_config
-    from .engine import Engine, make_worker
+    from .engine import Engine
 
-    if not args.shapes:
-        return Engine.from_config(load_config(args.config))
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if args.shapes:
+        return Engine(_shaped_workers(args), FusionConfig())
+    cfg = load_config(args.config)
+    if args.random_weights:
+        return Engine(_random_workers(cfg), cfg.fusion)
+    return Engine.from_config(cfg)
+
+
+def _random_worker(name, config, tok, device, seed, **kw):
+    """A worker over a model built from `config` with random weights (bf16 on CUDA)."""
+    from transformers import AutoModelForCausalLM
+
+    from .engine import make_worker
+
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return make_worker(name, model.eval(), tok, device, **kw)
+
+
+def _shaped_workers(args):
+    from transformers import AutoConfig, AutoTokenizer
 
     names = [s.strip() for s in args.shapes.split(",")]
     toks = [t.strip() for t in (args.tokenizers or "").split(",") if t.strip()]
@@ -89,12 +123,22 @@ def build_engine(args):
         cfg = AutoConfig.for_model(arch, vocab_size=len(tok), max_position_embeddings=8192,
                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.eos_token_id, **shape)
-        torch.manual_seed(i)
-        with torch.device(args.device):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        model.eval()
-        workers.append(make_worker(f"{name}", model, tok, torch.device(args.device)))
-    return Engine(workers, FusionConfig())
+        workers.append(_random_worker(name, cfg, tok, torch.device(args.device), i))
+    return workers
+
+
+def _random_workers(cfg):
+    from transformers import AutoConfig
+
+    from .loading import load_tokenizer, resolve_device, resolve_source
+
+    workers = []
+    for i, m in enumerate(cfg.models):
+        src = resolve_source(m)
+        config = AutoConfig.from_pretrained(src.directory, gguf_file=src.gguf_file)
+        workers.append(_random_worker(m.name, config, load_tokenizer(src), resolve_device(m.device), i,
+                                      stop_tokens=m.stop_tokens, context_limit=m.context_limit))
+    return workers
 
 
 def _hf_alone(worker, prompts, n) -> dict:
@@ -120,6 +164,7 @@ def _engine_run(engine, model, prompts, n) -> dict:
 
     tok0 = {w.name: (w.tok_seconds, w.forward_tokens) for w in engine.workers}
     chars = toks = steps = agreed = 0
+    texts = []
     timings = {"propose": 0.0, "score": 0.0, "commit": 0.0}
     t = 0.0
     for prompt in prompts:
@@ -134,6 +179,7 @@ def _engine_run(engine, model, prompts, n) -> dict:
         _sync()
         t += time.perf_counter() - t0
         chars += len(text)
+        texts.append(text)
         toks += last.completion_tokens
         for r in runs:
             steps += r.steps
@@ -148,12 +194,13 @@ def _engine_run(engine, model, prompts, n) -> dict:
         "steps": steps, "segments_per_request": steps / len(prompts), "agreement_rate": agreed / per,
         "ms_per_step": {**{k: 1000 * v / per for k, v in timings.items()}, "tokenizer": 1000 * tok_s / per,
                         "total": 1000 * t / per},
-        "forward_tokens_per_output_token": fwd / max(toks, 1),
+        "forward_tokens_per_output_token": fwd / max(toks, 1), "texts": texts,
     }
 
 
-def _step_time_at(engine, context_tokens: int, steps: int) -> float:
-    """Fused ms per step with a prompt of about `context_tokens` reference tokens."""
+def _step_time_at(engine, context_tokens: int, steps: int) -> tuple[float, float]:
+    """Fused ms per step with a prompt of about `context_tokens` reference tokens, and the
+    tokens fed through the models per step (the work a step did: compare like with like)."""
     from . import loop
     from .types import GenerationRequest
 
@@ -166,6 +213,7 @@ def _step_time_at(engine, context_tokens: int, steps: int) -> float:
     run = engine._open(engine.workers, req, None, runs)
     it = loop.segments(run)
     next(it)  # prefill and first step, not timed
+    fed = sum(w.forward_tokens for w in run.workers)
     _sync()
     t0 = time.perf_counter()
     done = 0
@@ -176,9 +224,10 @@ def _step_time_at(engine, context_tokens: int, steps: int) -> float:
         done += 1
     _sync()
     dt = time.perf_counter() - t0
+    fed = sum(w.forward_tokens for w in run.workers) - fed
     for w, s in zip(run.workers, run.states):
         w.close(s)
-    return 1000 * dt / max(done, 1)
+    return 1000 * dt / max(done, 1), fed / max(done, 1)
 
 
 def _ray_overhead(args, prompts, n, local: dict) -> dict:
@@ -203,23 +252,16 @@ def _ray_overhead(args, prompts, n, local: dict) -> dict:
         engine.close()
 
 
-def run(args) -> int:
+def measure(engine, prompts, n, *, skip_hf=False, growth_steps=12, growth_repeats=3) -> dict:
+    """All figures of one benchmark run over a loaded engine (see the module docstring)."""
     from .types import COOL
 
-    t_load = time.perf_counter()
-    engine = build_engine(args)
-    load_s = time.perf_counter() - t_load
-    prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
-    n = args.max_tokens
-    device = str(engine.workers[0].device)
-    # warm-up (first calls allocate, compile kernels, fill caches)
-    _engine_run(engine, COOL, prompts[:1], 8)
-
-    res = {"device": device, "torch": torch.__version__, "models": engine.source_names, "max_tokens": n,
-           "prompts": len(prompts), "load_seconds": load_s, "hf_generate": {}, "engine_alone": {}}
+    _engine_run(engine, COOL, prompts[:1], 8)  # warm-up: first calls allocate, fill caches
+    res = {"device": str(engine.workers[0].device), "torch": torch.__version__, "models": engine.source_names,
+           "max_tokens": n, "prompts": len(prompts), "hf_generate": {}, "engine_alone": {}}
     if torch.cuda.is_available():
         res["gpu"] = torch.cuda.get_device_name(0)
-    if not args.skip_hf:
+    if not skip_hf:
         for w in engine.workers:
             res["hf_generate"][w.name] = _hf_alone(w, prompts, n)
     for w in engine.workers:
@@ -235,15 +277,41 @@ def run(args) -> int:
     res["floor_device_per_model_chars_per_s"] = floor_many
     res["fused_vs_floor"] = fused / floor_one
     res["fused_vs_floor_device_per_model"] = fused / floor_many
-    if args.ray and not args.shapes:
-        res["ray"] = _ray_overhead(args, prompts, n, res["cool_fusion"])
-    short = _step_time_at(engine, 100, args.growth_steps)
-    long = _step_time_at(engine, 2000, args.growth_steps)
-    res["ms_per_step_at_100"] = short
-    res["ms_per_step_at_2000"] = long
-    res["cost_growth"] = long / short
-    res["peak_memory"] = _peak_mem()
+    # the fused text priced in each model's own tokens at its (a) tokens/s
+    texts = res["cool_fusion"]["texts"]
+    res["fused_text_tokens"] = {w.name: sum(len(w.encode(t)) for t in texts) for w in engine.workers}
+    res["fused_text_chars_per_token"] = {v: res["cool_fusion"]["chars"] / max(k, 1)
+                                         for v, k in res["fused_text_tokens"].items()}
+    floor_s = sum(k / base[v]["tokens_per_s"] for v, k in res["fused_text_tokens"].items())
+    res["floor_tokens_one_device_seconds"] = floor_s
+    res["fused_vs_floor_tokens"] = floor_s / res["cool_fusion"]["seconds"]
 
+    times, fed = {100: [], 2000: []}, {100: [], 2000: []}
+    for _ in range(max(1, growth_repeats)):  # interleaved, so both lengths share the noise
+        for ctx in times:
+            ms, tokens = _step_time_at(engine, ctx, growth_steps)
+            times[ctx].append(ms)
+            fed[ctx].append(tokens)
+    res["ms_per_step_at_100_runs"], res["ms_per_step_at_2000_runs"] = times[100], times[2000]
+    res["forward_tokens_per_step_at_100"] = statistics.mean(fed[100])
+    res["forward_tokens_per_step_at_2000"] = statistics.mean(fed[2000])
+    res["ms_per_step_at_100"] = statistics.median(times[100])
+    res["ms_per_step_at_2000"] = statistics.median(times[2000])
+    res["cost_growth"] = res["ms_per_step_at_2000"] / res["ms_per_step_at_100"]
+    res["peak_memory"] = _peak_mem()
+    return res
+
+
+def run(args) -> int:
+    t_load = time.perf_counter()
+    engine = build_engine(args)
+    load_s = time.perf_counter() - t_load
+    prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
+    res = measure(engine, prompts, args.max_tokens, skip_hf=args.skip_hf, growth_steps=args.growth_steps,
+                  growth_repeats=args.growth_repeats)
+    res["load_seconds"] = load_s
+    if args.ray and not (args.shapes or args.random_weights):
+        res["ray"] = _ray_overhead(args, prompts, args.max_tokens, res["cool_fusion"])
     _print(res, engine.source_names)
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -273,8 +341,19 @@ def _print(res, names) -> None:
           f"fused_vs_floor: {res['fused_vs_floor']:.2f}")
     print(f"floor, one device per model: {res['floor_device_per_model_chars_per_s']:.1f} chars/s   "
           f"fused_vs_floor_device_per_model: {res['fused_vs_floor_device_per_model']:.2f}")
+    alone = res["hf_generate"] or res["engine_alone"]
+    cpt = "  ".join(f"{v} alone {alone[v]['chars'] / max(alone[v]['tokens'], 1):.2f}, fused text "
+                    f"{res['fused_text_chars_per_token'][v]:.2f}" for v in names)
+    print(f"chars per token: {cpt}")
+    print(f"floor for the fused text (each model decodes its tokens of it), one device: "
+          f"{res['floor_tokens_one_device_seconds']:.1f} s   fused: {res['cool_fusion']['seconds']:.1f} s   "
+          f"fused_vs_floor_tokens: {res['fused_vs_floor_tokens']:.2f}")
+    runs = lambda k: " ".join(f"{x:.0f}" for x in res[k])  # noqa: E731
     print(f"fused ms/step at ~100 context tokens: {res['ms_per_step_at_100']:.1f}   at ~2000: "
-          f"{res['ms_per_step_at_2000']:.1f}   cost_growth: {res['cost_growth']:.2f}")
+          f"{res['ms_per_step_at_2000']:.1f}   cost_growth: {res['cost_growth']:.2f}   "
+          f"(medians of [{runs('ms_per_step_at_100_runs')}] and [{runs('ms_per_step_at_2000_runs')}]; "
+          f"tokens fed per step {res['forward_tokens_per_step_at_100']:.1f} and "
+          f"{res['forward_tokens_per_step_at_2000']:.1f})")
     if "ray" in res:
         r = res["ray"]
         print(f"(c) cool-fusion, backend ray: {r['chars_per_s']:.1f} chars/s, {r['ms_per_step']['total']:.1f} ms/step "

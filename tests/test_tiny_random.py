@@ -126,3 +126,27 @@ def test_growing_kv_cache_matches_dynamic_cache_and_appends_in_place(tiny_engine
             layer.values = torch.cat([layer.values[..., : n - 5, :], layer.values[..., n - 3 : n, :]], -2)
     tok = [7]
     assert torch.allclose(feed(ours, tok, n), feed(ref, tok, n), atol=1e-4)
+
+
+def test_benchmark_figures_follow_their_definitions(tiny_engine):
+    """`coolfusion bench`'s figures on a small run: the floors and ratios are computed from
+    the measured rates as documented, the token floor prices the fused texts the engine
+    really produced, and the result is JSON."""
+    import json
+
+    from fusion import bench
+
+    res = bench.measure(tiny_engine, bench.PROMPTS[:2], 8, growth_steps=2, growth_repeats=1)
+    names = tiny_engine.source_names
+    rates = [res["hf_generate"][v]["chars_per_s"] for v in names]
+    assert res["floor_one_device_chars_per_s"] == pytest.approx(1 / sum(1 / r for r in rates))
+    assert res["floor_device_per_model_chars_per_s"] == pytest.approx(min(rates))
+    assert res["fused_vs_floor"] == pytest.approx(res["cool_fusion"]["chars_per_s"] / res["floor_one_device_chars_per_s"])
+    texts = [tiny_engine.complete_text(GenerationRequest(prompt=p, max_tokens=8))[0] for p in bench.PROMPTS[:2]]
+    assert res["cool_fusion"]["texts"] == texts and res["cool_fusion"]["chars"] == sum(map(len, texts))
+    floor_s = sum(sum(len(w.encode(t)) for t in texts) / res["hf_generate"][w.name]["tokens_per_s"]
+                  for w in tiny_engine.workers)
+    assert res["fused_vs_floor_tokens"] == pytest.approx(floor_s / res["cool_fusion"]["seconds"])
+    assert res["cost_growth"] == pytest.approx(res["ms_per_step_at_2000"] / res["ms_per_step_at_100"])
+    assert res["forward_tokens_per_step_at_100"] >= 1 and res["forward_tokens_per_step_at_2000"] >= 1
+    assert json.loads(json.dumps(res))["fused_vs_floor"] == res["fused_vs_floor"]
