@@ -348,7 +348,9 @@ def _print(res, names) -> None:
     print(f"floor for the fused text (each model decodes its tokens of it), one device: "
           f"{res['floor_tokens_one_device_seconds']:.1f} s   fused: {res['cool_fusion']['seconds']:.1f} s   "
           f"fused_vs_floor_tokens: {res['fused_vs_floor_tokens']:.2f}")
-    runs = lambda k: " ".join(f"{x:.0f}" for x in res[k])  # noqa: E731
+    def runs(key):
+        return " ".join(f"{x:.0f}" for x in res[key])
+
     print(f"fused ms/step at ~100 context tokens: {res['ms_per_step_at_100']:.1f}   at ~2000: "
           f"{res['ms_per_step_at_2000']:.1f}   cost_growth: {res['cost_growth']:.2f}   "
           f"(medians of [{runs('ms_per_step_at_100_runs')}] and [{runs('ms_per_step_at_2000_runs')}]; "

@@ -86,14 +86,15 @@ def test_growing_kv_cache_matches_dynamic_cache_and_appends_in_place(tiny_engine
     from fusion import kvcache
 
     model = tiny_engine.workers[1].model  # Gemma-3 shaped: sliding and full layers
+    cache_kw = tiny_engine.workers[1]._cache_kw  # the forward's name for the cache
     ours, ref = kvcache.new_cache(), DynamicCache()
     g = torch.Generator().manual_seed(0)
 
     def feed(cache, toks, start):
         pos = torch.arange(start, start + len(toks), device=DEVICE)
         with torch.inference_mode():
-            out = model(input_ids=torch.tensor([toks], device=DEVICE), past_key_values=cache, use_cache=True,
-                        position_ids=pos[None], cache_position=pos)
+            out = model(input_ids=torch.tensor([toks], device=DEVICE), use_cache=True,
+                        position_ids=pos[None], cache_position=pos, **{cache_kw: cache})
         return out.logits[0]
 
     def ref_crop(n):
