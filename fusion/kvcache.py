@@ -6,7 +6,8 @@ much memory traffic as the attention itself. `GrowingLayer` keeps each layer's k
 values in a buffer with spare room (grown geometrically, so an append copies nothing
 amortised) and exposes `keys`/`values` as views of its first `length` slots, which is all the
 attention code reads. Cropping moves the end; moving a scored block into place copies only
-that block. The model sees an ordinary `DynamicCache` (works on transformers 4.56 to 5.x).
+that block. The model sees an ordinary `DynamicCache`. Uses only what transformers 4.56 to
+5.x share (`Cache.layer_class_to_replicate`, `DynamicLayer.keys/values`); run on 5.24.
 """
 
 from __future__ import annotations
