@@ -12,6 +12,7 @@ COPY pyproject.toml README.md config.yaml ./
 COPY fusion ./fusion
 COPY server ./server
 COPY evaluation ./evaluation
+COPY bench ./bench
 # torch comes from the base image (CUDA build); the range in pyproject accepts it.
 RUN pip install --no-cache-dir -e . \
  && python -c "from fusion.config import load_config; from fusion.loading import resolve_source, load_tokenizer; \

@@ -28,7 +28,7 @@ Each request asks for the fusion trace (`"fusion": {"trace": true}` in the reque
 `proposed_by`, per-model `ppl`, and `mean_ppl` = the average over the source models of
 their perplexities of that candidate, or null when scoring was skipped because all
 proposals agreed) and the `winner` (the name of the winning candidate's first proposer;
-server/render.py writes this shape). We define
+server/response_bodies.py writes this shape). We define
 
     ppl(answer) = mean over the answer's steps whose winning candidate has a numeric
                   mean_ppl, of that mean_ppl      (a plain step average, not token-weighted)

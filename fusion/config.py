@@ -92,7 +92,7 @@ class RayResources(BaseModel):
 
 
 class RayConfig(BaseModel):
-    """`backend: ray`: every source model runs in its own Ray actor (fusion/ray_backend.py)."""
+    """`backend: ray`: every source model runs in its own Ray actor (fusion/ray_worker.py)."""
 
     model_config = _STRICT
 

@@ -1,43 +1,61 @@
-"""The engine: loads the source models, validates requests, runs a variant, yields steps.
+"""The engine: builds the workers, checks requests, runs a variant, yields steps.
 
     engine = Engine.from_config(load_config("config.yaml"))
     for step in engine.generate(GenerationRequest(prompt="The capital of France is")):
         print(step.text, end="")
 
-Token counts (`max_tokens`, `usage`) use a reference tokenizer: the model's own for a
-source-model id, the first configured model's for the fused variants. A segment that
-crosses `max_tokens` is cut at that token; a stop string ends the output before it.
+`engine.start(request)` returns the running `Generation` (iterate it for the steps; its
+`stats` say where the time went). Token counts (`max_tokens`, `usage`) use a reference
+tokenizer: the model's own for a source-model id, the first configured model's for the
+fused variants. Checks live in `fusion.validation`, stop strings and `max_tokens` in
+`fusion.output`, the loop in `fusion.loop`; this module only orchestrates them.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Iterator
+from typing import Iterator, Sequence
 
-from . import chat, loop
+from . import chat, loop, output, validation
 from .config import Config, FusionConfig
-from .errors import Cancelled, ContextLengthExceeded, InvalidRequest, UnknownModel
-from .loading import load_model, load_tokenizer, resolve_device, resolve_dtype, resolve_source
-from .types import COOL, COOL_NOALIGN, COOL_RERANK, RERANK, VARIANTS, Candidate, GenerationRequest, Step
-from .worker import ModelWorker
+from .errors import Cancelled, UnknownModel
+from .loading import LoadedModel
+from .types import COOL, COOL_RERANK, RERANK, VARIANTS, Candidate, GenerationRequest, Stats, Step
+from .worker_protocol import Sampling, Worker
 
-log = logging.getLogger("coolfusion.engine")
 
-ROLES = ("system", "user", "assistant")
+class Generation:
+    """One request running in the engine. Iterate it for its `Step`s (blocking: run it in a
+    worker thread); `stats` grows as it runs; `close()` (or the end) frees its KV storage."""
+
+    def __init__(self, steps: Iterator[Step], stats: Stats):
+        self._steps = steps
+        self.stats = stats
+
+    def __iter__(self) -> Iterator[Step]:
+        return self._steps
+
+    def __next__(self) -> Step:
+        return next(self._steps)
+
+    def close(self) -> None:
+        self._steps.close()
 
 
 class Engine:
-    def __init__(self, workers: list[ModelWorker], fusion: FusionConfig | None = None,
+    def __init__(self, workers: Sequence[Worker], fusion: FusionConfig | None = None,
                  templates: dict[str, str | None] | None = None):
-        self.workers = workers
         self.fusion = fusion or FusionConfig()
-        for w in workers:  # each worker knows every tokenizer's word rule (paper Table 1)
-            w.all_words = [v.words for v in workers]
-            w.fast = self.fusion.fast_paths
-        self.templates = templates or {w.name: getattr(w.tokenizer, "chat_template", None) for w in workers}
+        for w in workers:
+            if not isinstance(w, Worker):
+                raise TypeError(f"{w!r} does not implement fusion.worker_protocol.Worker")
+            if w.options.fast != self.fusion.fast_paths:
+                raise ValueError(f"worker {w.name!r} was built with fast={w.options.fast}, "
+                                 f"but fusion.fast_paths is {self.fusion.fast_paths}")
+        self.workers = list(workers)
+        self.templates = templates or {w.name: getattr(w.text.tokenizer, "chat_template", None) for w in workers}
         self.source_names = [w.name for w in workers]
         self._by_name = {w.name: w for w in workers}
         self._pool = ThreadPoolExecutor(max_workers=len(workers) * 2, thread_name_prefix="cf-worker") \
@@ -49,27 +67,39 @@ class Engine:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Engine":
-        if cfg.backend == "ray":  # one Ray actor per model (imports Ray only here)
-            from .ray_backend import ray_workers
+        """Load every configured model: in this process (`backend: local`) or one Ray actor
+        each (`backend: ray`, imported only then). Tokenizers load first: every worker is
+        built knowing every model's word rule."""
+        from .loading import load, load_tokenizer, resolve_source
+        from .local_worker import LocalWorker
+        from .words import WordStarts
+        from .worker_protocol import WorkerOptions
 
-            workers, templates = ray_workers(cfg)
-            return cls(workers, cfg.fusion, templates)
-        workers, templates = [], {}
-        for m in cfg.models:
-            src = resolve_source(m)
-            device = resolve_device(m.device)
-            dtype = resolve_dtype(m.dtype, device, src.gguf_file is not None)
-            log.info("loading %s from %s%s on %s (%s)", m.name, src.directory,
-                     f"/{src.gguf_file}" if src.gguf_file else "", device, dtype)
-            tok = load_tokenizer(src)
-            model = load_model(src, device, dtype)
-            workers.append(make_worker(m.name, model, tok, device, stop_tokens=m.stop_tokens,
-                                       context_limit=m.context_limit))
-            templates[m.name] = chat.resolve_template(m.chat_template, tok)
+        tokenizers = [load_tokenizer(resolve_source(m)) for m in cfg.models]
+        options = WorkerOptions(tuple(WordStarts(t) for t in tokenizers), cfg.fusion.fast_paths)
+        templates = {m.name: chat.resolve_template(m.chat_template, t) for m, t in zip(cfg.models, tokenizers)}
+        if cfg.backend == "ray":
+            from .ray_worker import ray_workers
+
+            return cls(ray_workers(cfg, options, tokenizers), cfg.fusion, templates)
+        workers = [LocalWorker.from_loaded(load(m, tokenizer=t), options) for m, t in zip(cfg.models, tokenizers)]
         return cls(workers, cfg.fusion, templates)
+
+    @classmethod
+    def from_models(cls, models: Sequence[LoadedModel], fusion: FusionConfig | None = None,
+                    templates: dict[str, str | None] | None = None) -> "Engine":
+        """An engine over models already in memory (tests, the benchmark's random weights)."""
+        from .local_worker import local_workers
+
+        fusion = fusion or FusionConfig()
+        return cls(local_workers(models, fast=fusion.fast_paths), fusion, templates)
 
     def model_ids(self) -> list[str]:
         return list(VARIANTS) + self.source_names
+
+    @property
+    def default_max_tokens(self) -> int:
+        return self.fusion.default_max_tokens
 
     @property
     def active_requests(self) -> int:
@@ -78,20 +108,18 @@ class Engine:
     @property
     def ready(self) -> bool:
         """False while a worker is unavailable (a Ray actor being restarted): /health 503."""
-        return all(getattr(w, "healthy", True) for w in self.workers)
+        return all(w.healthy for w in self.workers)
 
     def close(self) -> None:
-        """Release the thread pool and any remote workers (Ray actors)."""
+        """Release the thread pool and every worker's resources (Ray actors)."""
         if self._pool is not None:
             self._pool.shutdown(wait=False)
-        if any(type(w).__module__.endswith("ray_backend") for w in self.workers):
-            from .ray_backend import shutdown
+        for w in self.workers:
+            w.shutdown()
 
-            shutdown(self)
+    # ---- checks ----------------------------------------------------------------------------
 
-    # ---- validation --------------------------------------------------------------------------
-
-    def _participants(self, model: str) -> list[ModelWorker]:
+    def _participants(self, model: str) -> list[Worker]:
         if model in VARIANTS:
             return self.workers
         if model in self._by_name:
@@ -99,116 +127,92 @@ class Engine:
         raise UnknownModel(f"The model {model!r} does not exist; available: {', '.join(self.model_ids())}",
                            param="model")
 
-    def _prompt_ids(self, w: ModelWorker, req: GenerationRequest) -> list[int]:
+    def _resolved(self, req: GenerationRequest) -> GenerationRequest:
+        return req if req.max_tokens is not None else replace(req, max_tokens=self.default_max_tokens)
+
+    def prompt_ids(self, w: Worker, req: GenerationRequest) -> list[int]:
+        """Model `w`'s tokens of the request's prompt (its own chat template for messages)."""
         if req.messages is not None:
-            text = chat.render(req.messages, self.templates.get(w.name), w.tokenizer, w.name)
-            return w.encode(text, special=False)
-        return w.encode(req.prompt, special=True)
+            text = chat.render(req.messages, self.templates.get(w.name), w.text.tokenizer, w.name)
+            return w.text.encode(text, special=False)
+        return w.text.encode(req.prompt, special=True)
 
     def check(self, req: GenerationRequest) -> int:
         """Validate a request before any work; return its prompt tokens (reference tokenizer)."""
         workers = self._participants(req.model)
-        if (req.prompt is None) == (req.messages is None):
-            raise InvalidRequest("give exactly one of prompt or messages", param="prompt")
-        texts = []
-        if req.prompt is not None:
-            if not isinstance(req.prompt, str) or req.prompt == "":
-                raise InvalidRequest("prompt must be a non-empty string", param="prompt")
-            texts.append(("prompt", req.prompt))
-        else:
-            if not req.messages:
-                raise InvalidRequest("messages must be a non-empty list", param="messages")
-            for i, m in enumerate(req.messages):
-                if m.role not in ROLES:
-                    raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, not {m.role!r}",
-                                         param=f"messages.{i}.role")
-                if not isinstance(m.content, str):
-                    raise InvalidRequest(f"messages[{i}].content must be text", param=f"messages.{i}.content")
-                texts.append((f"messages.{i}.content", m.content))
-            if all(m.role == "system" for m in req.messages):
-                raise InvalidRequest("messages need at least one user or assistant turn", param="messages")
-        for i, s in enumerate(req.stop):
-            if not isinstance(s, str) or s == "":
-                raise InvalidRequest("stop strings must be non-empty", param="stop")
-            texts.append((f"stop.{i}", s))
-        if len(req.stop) > 4:
-            raise InvalidRequest("at most 4 stop sequences", param="stop")
-        for param, t in texts:
-            try:
-                t.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidRequest(f"{param} is not valid Unicode text (lone surrogate)", param=param) from None
-        if not isinstance(req.max_tokens, int) or req.max_tokens <= 0:
-            raise InvalidRequest(f"max_tokens must be a positive integer, not {req.max_tokens!r}", param="max_tokens")
-        if not 0.0 <= req.temperature <= 2.0:
-            raise InvalidRequest("temperature must be between 0 and 2", param="temperature")
-        if not 0.0 < req.top_p <= 1.0:
-            raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
-        ref_len = None
+        req = self._resolved(req)
+        validation.check_fields(req)
+        counts = []
         for w in workers:
-            n = len(self._prompt_ids(w, req))
-            if n == 0:
-                raise InvalidRequest(f"prompt is empty for model {w.name!r} after tokenization", param="prompt")
-            if w.context_limit and n + req.max_tokens > w.context_limit:
-                raise ContextLengthExceeded(
-                    f"This request needs {n} prompt tokens + max_tokens {req.max_tokens} = {n + req.max_tokens} "
-                    f"tokens, but model {w.name!r} has a context limit of {w.context_limit} tokens.",
-                    param="max_tokens" if n < w.context_limit else "messages" if req.messages else "prompt")
-            ref_len = n if ref_len is None else ref_len
-        return ref_len
+            counts.append(len(self.prompt_ids(w, req)))
+            validation.check_context(req, w.name, counts[-1], w.context_limit)
+        return counts[0]
 
     # ---- generation --------------------------------------------------------------------------
 
-    def generate(self, req: GenerationRequest, cancel: threading.Event | None = None,
-                 runs: list | None = None) -> Iterator[Step]:
-        """Yield one Step per selected segment. Blocking; run it in a worker thread. Closing
-        the generator (or setting `cancel`) frees every KV cache of the request. `runs`, if
-        given, receives the request's loop.Run objects (timings, for the benchmark)."""
+    def start(self, req: GenerationRequest, cancel: threading.Event | None = None) -> Generation:
+        """Check the request (raising its typed error now) and return it running lazily."""
+        req = self._resolved(req)
         prompt_tokens = self.check(req)
+        stats = Stats()
+        return Generation(self._steps(req, prompt_tokens, cancel, stats), stats)
+
+    def generate(self, req: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Step]:
+        """Yield one Step per selected segment. Closing the generator (or setting `cancel`)
+        frees every KV cache of the request."""
+        with_steps = self.start(req, cancel)
+        try:
+            yield from with_steps
+        finally:
+            with_steps.close()
+
+    def _steps(self, req, prompt_tokens, cancel, stats) -> Iterator[Step]:
         with self._active_lock:
             self._active += 1
-        runs = [] if runs is None else runs
+        runs: list[loop.Run] = []
         try:
-            raw = self._raw_steps(req, cancel, runs)
+            raw = self._raw_steps(req, cancel, stats, runs)
             text = ""
-            for step in _finish(raw, req, self._reference(req), prompt_tokens, cancel):
+            for step in output.finish(raw, req, self._reference(req).text, prompt_tokens, cancel):
                 text += step.text
                 if step.finish_reason is not None and req.judge:
-                    step = replace(step, judge=self.judge(req, text, step.eos, cancel, runs))
+                    step = replace(step, judge=self._judge(req, text, step.eos, cancel, stats, runs))
                 yield step
         finally:
             for r in runs:
-                for w, s in zip(r.workers, r.states):
-                    w.close(s)
+                r.close()
             with self._active_lock:
                 self._active -= 1
 
-    def _reference(self, req: GenerationRequest) -> ModelWorker:
+    def open_run(self, req: GenerationRequest, cancel: threading.Event | None = None) -> loop.Run:
+        """The request's states on every participating worker, for driving the fusion loop
+        step by step (`loop.segments(run)`, or propose / assess / select / commit) in tests
+        and tools. The caller closes it: `run.close()` frees every KV cache."""
+        req = self._resolved(req)
+        self.check(req)
+        return self._open(self._participants(req.model), req, cancel, Stats(), [], align=req.model == COOL)
+
+    def _reference(self, req: GenerationRequest) -> Worker:
         return self.workers[0] if req.model in VARIANTS else self._by_name[req.model]
 
-    def _open(self, workers, req, cancel, runs, *, align=True) -> loop.Run:
+    def _open(self, workers, req, cancel, stats, runs, *, align=True) -> loop.Run:
         states, ends = [], []
         for i, w in enumerate(workers):
             seed = None if req.seed is None else req.seed + 1000 * i
-            states.append(w.open(self._prompt_ids(w, req), temperature=req.temperature, top_p=req.top_p, seed=seed))
-            ends.append(w.chat_end if req.messages is not None else w.primary_end)
-        run = loop.Run(workers, states, ends, self._pool, cancel, self.fusion.max_segment_tokens,
-                       self.fusion.score, align)
+            states.append(w.open(self.prompt_ids(w, req), Sampling(req.temperature, req.top_p, seed)))
+            ends.append(w.text.chat_end if req.messages is not None else w.text.primary_end)
+        run = loop.Run(workers, states, ends, self._pool, cancel, self.fusion.max_segment_tokens, stats,
+                       self.fusion.score, align, self.fusion.fast_paths)
         runs.append(run)
         return run
 
-    def _raw_steps(self, req, cancel, runs) -> Iterator[loop.RawStep]:
-        workers = self._participants(req.model)
+    def _raw_steps(self, req, cancel, stats, runs) -> Iterator[loop.RawStep]:
         if req.model in (RERANK, COOL_RERANK):
-            yield self._rerank(req, cancel, runs)
+            yield self._rerank(req, cancel, stats, runs)
             return
-        run = self._open(workers, req, cancel, runs, align=req.model == COOL)  # else own boundaries
-        limit = min((w.context_limit or 10**9) for w in workers)
-        for step in loop.segments(run):
-            yield step
-            if max(len(s.ids) for s in run.states) + run.max_segment_tokens >= limit:
-                yield loop.RawStep("", step.winner, False, (), )  # marker: context full
-                return
+        run = self._open(self._participants(req.model), req, cancel, stats, runs,
+                         align=req.model == COOL)  # else each proposer's own boundaries
+        yield from loop.segments(run)
 
     def complete_text(self, req: GenerationRequest, cancel=None) -> tuple[str, str]:
         """Run a request to the end; return (text, finish_reason)."""
@@ -218,13 +222,20 @@ class Engine:
             finish = step.finish_reason
         return "".join(text), finish
 
-    def judge(self, req, text: str, eos: bool, cancel=None, runs=None) -> Candidate:
+    def judge(self, req: GenerationRequest, text: str, eos: bool, cancel=None) -> Candidate:
         """Every source model's PPL of a whole output after the prompt (paper Table 3, row 1)."""
-        runs = [] if runs is None else runs
-        run = self._open(self.workers, req, cancel, runs)
+        runs: list[loop.Run] = []
+        try:
+            return self._judge(self._resolved(req), text, eos, cancel, Stats(), runs)
+        finally:
+            for r in runs:
+                r.close()
+
+    def _judge(self, req, text, eos, cancel, stats, runs) -> Candidate:
+        run = self._open(self.workers, req, cancel, stats, runs)
         return loop.rerank(run, [(text, eos, (req.model,))]).candidates[0]
 
-    def _rerank(self, req, cancel, runs) -> loop.RawStep:
+    def _rerank(self, req, cancel, stats, runs) -> loop.RawStep:
         """Each source model (and, for Cool+Rerank, Cool) writes a whole answer, then every
         model scores every answer. The answers are written concurrently on threads of their
         own: the shared pool serves only per-phase worker calls, which never nest."""
@@ -242,77 +253,5 @@ class Engine:
         conts = [(text, finish == "stop", (m,)) for m, (text, finish) in zip(ids, outs)]
         if cancel is not None and cancel.is_set():
             raise Cancelled("generation cancelled")
-        run = self._open(self.workers, req, cancel, runs)
+        run = self._open(self.workers, req, cancel, stats, runs)
         return loop.rerank(run, conts)
-
-
-def make_worker(name, model, tokenizer, device, *, stop_tokens=(), context_limit=None) -> ModelWorker:
-    """A worker with its end tokens: EOS ids of the tokenizer and generation config, plus
-    configured `stop_tokens` (e.g. Gemma's <end_of_turn>)."""
-    ends = []
-    gc = getattr(model, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
-    for e in ([eos] if isinstance(eos, int) else list(eos or [])) + [tokenizer.eos_token_id]:
-        if e is not None and e not in ends:
-            ends.append(e)
-    chat_ends = []
-    for t in stop_tokens:
-        tid = tokenizer.convert_tokens_to_ids(t)
-        if tid is None or tid == tokenizer.unk_token_id:
-            raise InvalidRequest(f"stop token {t!r} is not in the vocabulary of {name!r}")
-        chat_ends.append(tid)
-    limit = context_limit or getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    return ModelWorker(name, model, tokenizer, end_ids=ends + chat_ends, chat_end_ids=chat_ends,
-                       context_limit=limit, device=device)
-
-
-def _finish(raw: Iterator[loop.RawStep], req: GenerationRequest, ref: ModelWorker, prompt_tokens: int,
-            cancel) -> Iterator[Step]:
-    """Apply stop strings and max_tokens to the raw segments; hold back text that could be
-    the start of a stop string; count tokens with the reference tokenizer."""
-    g = ""  # all text selected so far
-    emitted = 0  # chars of g already yielded
-    longest = max((len(s) for s in req.stop), default=0)
-    for step in raw:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("generation cancelled")
-        g += step.text
-        finish = None
-        end = len(g)
-        # stop strings
-        hit = None
-        for s in req.stop:
-            i = g.find(s, max(0, emitted - longest))
-            if i >= 0 and (hit is None or i < hit):
-                hit = i
-        if hit is not None:
-            end, finish = hit, "stop"
-        # max_tokens in the reference tokenizer
-        ids, starts = ref.encode_with_starts(g[:end])
-        counted = end  # `ids` are the tokens of g[:counted]
-        if len(ids) >= req.max_tokens:
-            cut = starts[req.max_tokens] if len(ids) > req.max_tokens else end
-            if cut <= end:
-                end, finish = cut, "length" if finish is None or cut < end else finish
-        if finish is None and (step.eos or not step.candidates):
-            finish = "stop" if step.eos else "length"
-        if finish is None and longest:
-            end -= _held(g[:end], req.stop)
-        text = g[emitted:end]
-        emitted = max(emitted, end)
-        n = len(ids) if emitted == counted else len(ref.encode(g[:emitted]))  # encode once per step
-        yield Step(text, step.winner, step.eos and finish == "stop", step.candidates if req.trace else (),
-                   finish, min(n, req.max_tokens), prompt_tokens)
-        if finish is not None:
-            return
-
-
-def _held(text: str, stops) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:k]):
-                best = k
-                break
-    return best

@@ -1,9 +1,11 @@
-"""Loading source models and tokenizers from a ModelConfig.
+"""Loading source models and tokenizers from a ModelConfig: the one loading path.
 
 Resolves where the weights are (HF id, local directory, GGUF file, or a GGUF shipped in a
 Python package), picks the device and dtype, and caches what the first start computes
 (the assembled Gemma file, converted GGUF tokenizers) under ~/.cache/coolfusion, outside
-the repository. Nothing here downloads anything the user did not configure.
+the repository. Nothing here downloads anything the user did not configure. `load` is used
+by the engine, by each Ray actor on its node, and by the benchmark (`random_weights`: the
+configured architecture and tokenizer with random weights).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -112,3 +115,45 @@ def load_model(src: Source, device: torch.device, dtype: torch.dtype):
     model.to(device)
     model.eval()
     return model
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in memory, with what its worker needs beside it (`LocalWorker.from_loaded`)."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    stop_tokens: tuple[str, ...] = ()
+    context_limit: int | None = None
+
+
+def random_model(config, device: torch.device, seed: int = 0):
+    """A model of `config`'s architecture with random weights (bf16 on CUDA, else float32)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def load(m: ModelConfig, *, tokenizer=None, device: torch.device | None = None, random_weights: bool = False,
+         seed: int = 0) -> LoadedModel:
+    """Tokenizer (unless given) and model of one configured source model, on `device`
+    (default: the config's, `auto` meaning CUDA when present)."""
+    src = resolve_source(m)
+    device = resolve_device(m.device) if device is None else device
+    tok = load_tokenizer(src) if tokenizer is None else tokenizer
+    if random_weights:
+        from transformers import AutoConfig
+
+        model = random_model(AutoConfig.from_pretrained(src.directory, gguf_file=src.gguf_file), device, seed)
+    else:
+        dtype = resolve_dtype(m.dtype, device, src.gguf_file is not None)
+        log.info("loading %s from %s%s on %s (%s)", m.name, src.directory,
+                 f"/{src.gguf_file}" if src.gguf_file else "", device, dtype)
+        model = load_model(src, device, dtype)
+    return LoadedModel(m.name, model, tok, device, tuple(m.stop_tokens), m.context_limit)

@@ -1,20 +1,23 @@
-"""The fusion loop over workers: propose, assess, select, commit (DESIGN.md 1.1-1.5).
+"""The fusion loop over workers: propose, assess, select, commit (docs/architecture.md).
 
 `segments(run)` yields one `RawStep` per selected segment for Cool (common boundaries),
-Cool-align (each proposer stops at its own word boundary) and a single model (k=1).
-`rerank(...)` scores whole continuations. Nothing here knows about stop strings or
-max_tokens: the engine applies those to the text this yields.
+Cool-align (each proposer stops at its own word boundary) and a single model (k=1), until a
+winner ends the turn (`end="eos"`) or the next step could overflow a model's context
+(`end="context_full"`). `rerank(...)` scores whole continuations. Nothing here knows about
+stop strings or max_tokens: `fusion.output` applies those to the text this yields.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
 
 from .errors import Cancelled
-from .types import Candidate
-from .worker import ModelWorker, Proposal, State
+from .types import Candidate, Stats
+from .worker_protocol import Proposal, Worker
 
 
 @dataclass
@@ -23,23 +26,23 @@ class RawStep:
     winner: str
     eos: bool
     candidates: tuple[Candidate, ...]
+    end: Literal["eos", "context_full"] | None = None  # why the loop stops after this step
 
 
 @dataclass
 class Run:
     """One request's states on its participating workers (in config order)."""
 
-    workers: list[ModelWorker]
-    states: list[State]
+    workers: Sequence[Worker]
+    states: list[Any]
     end_ids: list[int]  # per worker: the token that ends its turn, scored after an EOS candidate
     pool: ThreadPoolExecutor | None
     cancel: threading.Event | None
     max_segment_tokens: int
+    stats: Stats
     score_mode: str = "mean_nll"
     align: bool = True  # False: Cool-align ablation, proposals end at their own word boundary
-    timings: dict = field(default_factory=lambda: {"propose": 0.0, "score": 0.0, "commit": 0.0})
-    steps: int = 0
-    agreed: int = 0
+    fast: bool = True  # False: score even when every proposal agrees (the reference path)
 
     def each(self, fn):
         """fn(worker, state) for every worker, in parallel when a pool is configured."""
@@ -51,13 +54,22 @@ class Run:
         futures = [self.pool.submit(fn, w, s) for w, s in pairs]
         return [f.result() for f in futures]
 
+    def context_full(self) -> bool:
+        """True when one more proposal could overflow a participating model's context."""
+        for w, s in zip(self.workers, self.states):
+            if w.context_limit and w.seq_len(s) + self.max_segment_tokens >= w.context_limit:
+                return True
+        return False
+
+    def close(self) -> None:
+        for w, s in zip(self.workers, self.states):
+            w.close(s)
+
 
 def _timed(run: Run, phase: str, fn):
-    import time
-
     t = time.perf_counter()
     out = run.each(fn)
-    run.timings[phase] += time.perf_counter() - t
+    run.stats.add(phase, time.perf_counter() - t)
     return out
 
 
@@ -70,7 +82,7 @@ def assess(run: Run, proposals: list[Proposal]) -> list[Candidate]:
     keys: dict[tuple[str, bool], list[str]] = {}
     for w, p in zip(run.workers, proposals):
         keys.setdefault((p.text, p.eos), []).append(w.name)
-    if len(keys) == 1 and run.workers[0].fast:
+    if len(keys) == 1 and run.fast:
         (text, eos), by = next(iter(keys.items()))
         return [Candidate(text, tuple(by), eos)]
     return _scored(run, keys)
@@ -79,7 +91,8 @@ def assess(run: Run, proposals: list[Proposal]) -> list[Candidate]:
 def _scored(run: Run, keys: dict[tuple[str, bool], list[str]]) -> list[Candidate]:
     """Every model scores every (text, eos) candidate in one batched pass; mean PPL each."""
     cands = list(keys)
-    ppls = _timed(run, "score", lambda w, s: w.score(s, cands, end_id=run.end_ids[run.workers.index(w)], mode=run.score_mode))
+    ends = {w.name: e for w, e in zip(run.workers, run.end_ids)}
+    ppls = _timed(run, "score", lambda w, s: w.score(s, cands, end_id=ends[w.name], mode=run.score_mode))
     out = []
     for j, (text, eos) in enumerate(cands):
         ppl = {w.name: ppls[i][j] for i, w in enumerate(run.workers)}
@@ -100,17 +113,18 @@ def commit(run: Run, winner: Candidate) -> None:
 
 
 def segments(run: Run):
-    """Yield RawSteps until a winner carries EOS (the engine stops earlier on budget/stop)."""
+    """Yield RawSteps until one carries an `end` (the engine may stop earlier on budget/stop)."""
     while True:
         proposals = propose(run)
         cands = assess(run, proposals)
         win = select(cands)
-        run.steps += 1
-        run.agreed += len(cands) == 1
+        run.stats.steps += 1
+        run.stats.agreed += len(cands) == 1
         if not win.eos:
             commit(run, win)
-        yield RawStep(win.text, win.proposed_by[0], win.eos, tuple(cands))
-        if win.eos:
+        end = "eos" if win.eos else "context_full" if run.context_full() else None
+        yield RawStep(win.text, win.proposed_by[0], win.eos, tuple(cands), end)
+        if end is not None:
             return
 
 
@@ -121,5 +135,5 @@ def rerank(run: Run, continuations: list[tuple[str, bool, tuple[str, ...]]]) -> 
     for text, eos, by in continuations:
         merged.setdefault((text, eos), []).extend(b for b in by if b not in merged.get((text, eos), []))
     cands = _scored(run, merged)
-    win = min(cands, key=lambda c: c.mean_ppl)
-    return RawStep(win.text, win.proposed_by[0], win.eos, tuple(cands))
+    win = select(cands)
+    return RawStep(win.text, win.proposed_by[0], win.eos, tuple(cands), "eos" if win.eos else None)

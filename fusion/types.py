@@ -1,14 +1,16 @@
-"""Plain data crossing the engine's public boundary: requests in, steps out.
+"""Plain data crossing the engine's public boundary: requests in, steps and stats out.
 
 `engine.generate(request)` yields `Step`s; `Step.candidates` is the fusion trace of that step.
+`engine.start(request)` also gives the request's `Stats` (time per phase, steps).
 Everything here is text and numbers, so it serialises as-is (`dataclasses.asdict`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-# Model ids of the fused variants (DESIGN.md section 1, "Variants").
+# Model ids of the fused variants (docs/architecture.md, section 1).
 COOL = "cool-fusion"
 COOL_RERANK = "cool-fusion-rerank"
 RERANK = "rerank"
@@ -27,13 +29,14 @@ class GenerationRequest:
     """One generation. Exactly one of `prompt` (completion) or `messages` (chat) is set.
 
     `model` is a variant id (VARIANTS) or a source model's config name.
-    `max_tokens` counts tokens of the reference tokenizer (the first configured model's).
+    `max_tokens` counts tokens of the reference tokenizer (the first configured model's);
+    None means the engine's default (config `fusion.default_max_tokens`).
     """
 
     prompt: str | None = None
     messages: tuple[Message, ...] | None = None
     model: str = COOL
-    max_tokens: int = 128
+    max_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -53,6 +56,25 @@ class Candidate:
     mean_ppl: float | None = None  # None when scoring was skipped (all proposals agreed)
 
 
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class Stats:
+    """What one request cost: seconds per phase of the fusion loop (summed over the
+    workers' parallel calls as wall time), selected segments, and segments on which every
+    proposal agreed (no scoring needed)."""
+
+    propose_s: float = 0.0
+    score_s: float = 0.0
+    commit_s: float = 0.0
+    steps: int = 0
+    agreed: int = 0
+
+    def add(self, phase: str, seconds: float) -> None:
+        setattr(self, f"{phase}_s", getattr(self, f"{phase}_s") + seconds)
+
+
 @dataclass(frozen=True)
 class Step:
     """One selected segment.
@@ -65,7 +87,7 @@ class Step:
     winner: str
     eos: bool
     candidates: tuple[Candidate, ...]
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     completion_tokens: int = 0  # reference-tokenizer tokens of the whole output so far
     prompt_tokens: int = 0  # reference-tokenizer tokens of the prompt
     judge: Candidate | None = None  # on the last step of a `judge` request: the whole output's PPLs

@@ -1,4 +1,4 @@
-"""Word boundaries of a tokenizer, and the aligned-segment rule (DESIGN.md 1.1-1.2).
+"""Word boundaries of a tokenizer, and the aligned-segment rule (docs/architecture.md, section 1).
 
 A boundary is a character offset where a word starts, taken from the tokenizer's own
 token-to-word mapping (paper 2.1). The rule is derived from the tokenizer object, not from a

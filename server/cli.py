@@ -32,20 +32,32 @@ _SERVE_OVERRIDES = {  # flag dest -> ServerConfig key
 }
 
 
+def _default(key: str) -> Any:
+    """The config default of `server.<key>` (fusion.config.ServerConfig: defaults live there)."""
+    from fusion.config import ServerConfig
+
+    return ServerConfig.model_fields[key].default
+
+
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    d = _default
     p.add_argument("--config", default="config.yaml", help="configuration file (default: %(default)s)")
-    p.add_argument("--host", help="address to listen on (config server.host; default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port to listen on (config server.port; default 8000)")
+    p.add_argument("--host", help=f"address to listen on (config server.host; default {d('host')})")
+    p.add_argument("--port", type=int, help=f"port to listen on (config server.port; default {d('port')})")
     p.add_argument(
         "--api-key",
         help="require 'Authorization: Bearer KEY' on every route but /health "
         "(default: env COOLFUSION_API_KEY, then config server.api_key; unset: no auth)",
     )
-    p.add_argument("--max-concurrent", type=int, help="generations running at once (config server.max_concurrent; default 4)")
-    p.add_argument("--max-queue", type=int, help="requests waiting for a slot before 429 (config server.max_queue; default 32)")
+    p.add_argument("--max-concurrent", type=int,
+                   help=f"generations running at once (config server.max_concurrent; default {d('max_concurrent')})")
+    p.add_argument("--max-queue", type=int,
+                   help=f"requests waiting for a slot before 429 (config server.max_queue; default {d('max_queue')})")
     p.add_argument("--request-timeout", type=float, metavar="SECONDS",
-                   help="per-request time limit, queueing included (config server.request_timeout_s; default 600)")
-    p.add_argument("--max-body-bytes", type=int, help="largest request body; beyond: 413 (config server.max_body_bytes; default 1048576)")
+                   help=f"per-request time limit, queueing included (config server.request_timeout_s; "
+                        f"default {d('request_timeout_s'):g})")
+    p.add_argument("--max-body-bytes", type=int,
+                   help=f"largest request body; beyond: 413 (config server.max_body_bytes; default {d('max_body_bytes')})")
     p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, how long running generations may finish before they are cancelled (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: %(default)s")
@@ -74,7 +86,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from .app import app_state, create_app
     from .logs import configure_logging
-    from .serving import make_server
+    from .uvicorn_server import make_server
 
     try:
         cfg = load_config(args.config)
@@ -116,7 +128,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 DELEGATES = {  # subcommand -> (module offering add_arguments(parser) and run(args), help)
     "eval": ("evaluation.cli", "evaluate the fused model and its source models"),
-    "bench": ("fusion.bench", "measure throughput and latency"),
+    "bench": ("bench.speed", "measure throughput and latency"),
 }
 
 

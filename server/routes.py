@@ -1,7 +1,7 @@
 """HTTP routes: health, metrics, models, completions and chat completions.
 
 Routes are thin: they get the AppState by dependency injection, hand the parsed body to
-`jobs.prepare` (every 4xx happens there, before a response starts), then either stream
+`request_lifecycle.prepare` (every 4xx happens there, before a response starts), then either stream
 (sse-starlette, one chunk per selected segment) or wait for the whole result while watching
 for the client to go away (then the generation is cancelled and 499 is logged).
 """
@@ -19,20 +19,21 @@ from sse_starlette import EventSourceResponse
 from fusion.errors import UnknownModel
 
 from .errors import dumps
-from .jobs import Job, collect, prepare, stream_events
-from .schemas import (
+from .request_lifecycle import Job, collect, prepare, stream_events
+from .response_bodies import (
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChunk,
-    CompletionRequest,
     CompletionResponse,
     ErrorResponse,
     Health,
     ModelCard,
     ModelList,
+    model_card,
+    model_list,
     sse_event_schema,
 )
+from .schemas import ChatCompletionRequest, CompletionRequest
 from .state import AppState, get_state
 
 router = APIRouter()
@@ -75,15 +76,13 @@ async def metrics(state: AppState = Depends(get_state)) -> Response:
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
 
-def _model_card(state: AppState, model_id: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": state.created, "owned_by": "coolfusion"}
 
 
 @router.get("/v1/models", summary="The fused variants and every source model", response_model=None,
             responses={200: {"model": ModelList}, **_errors("4XX", 503)})
 async def list_models(state: AppState = Depends(get_state)) -> dict[str, Any]:
     engine = state.require_engine()
-    return {"object": "list", "data": [_model_card(state, m) for m in engine.model_ids()]}
+    return model_list(engine.model_ids(), state.created)
 
 
 @router.get("/v1/models/{model_id:path}", summary="One model", response_model=None,
@@ -92,7 +91,7 @@ async def get_model(model_id: str, state: AppState = Depends(get_state)) -> dict
     engine = state.require_engine()
     if model_id not in engine.model_ids():
         raise UnknownModel(f"The model '{model_id}' does not exist", param="model")
-    return _model_card(state, model_id)
+    return model_card(model_id, state.created)
 
 
 @router.post("/v1/completions", summary="Text completion (OpenAI-compatible), streamed per fused segment",

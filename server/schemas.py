@@ -1,5 +1,4 @@
-"""OpenAI request bodies (pydantic) and their translation into engine requests; the shapes
-of the response bodies, for the OpenAPI document (routes build responses in server.render).
+"""OpenAI request bodies (pydantic) and their translation into engine requests.
 
 Unknown fields are accepted and ignored (`extra="allow"`), as OpenAI clients send many.
 Fields we cannot honour (logprobs, echo, best_of > 1, suffix) are rejected with a 400
@@ -14,12 +13,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fusion import limits
 from fusion.types import COOL, GenerationRequest, Message
 
 _OPEN = ConfigDict(extra="allow")
-
-MAX_N = 16  # choices per prompt
-MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 
 
 def _valid_text(s: str) -> str:
@@ -50,11 +47,11 @@ class _Common(BaseModel):
     model_config = _OPEN
 
     model: str = COOL
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    temperature: float | None = Field(default=None, ge=limits.TEMPERATURE_MIN, le=limits.TEMPERATURE_MAX)
+    top_p: float | None = Field(default=None, gt=limits.TOP_P_MIN, le=limits.TOP_P_MAX)
+    seed: int | None = Field(default=None, ge=limits.SEED_MIN, le=limits.SEED_MAX)
     stop: str | list[str] | None = None
-    n: int | None = Field(default=1, ge=1, le=MAX_N)
+    n: int | None = Field(default=1, ge=1, le=limits.MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -68,8 +65,8 @@ class _Common(BaseModel):
         items = [v] if isinstance(v, str) else v
         if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
             raise ValueError("stop must be a string or a list of strings")
-        if len(items) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop strings are allowed")
+        if len(items) > limits.MAX_STOP:
+            raise ValueError(f"at most {limits.MAX_STOP} stop strings are allowed")
         for s in items:
             if not s:
                 raise ValueError("stop strings must not be empty")
@@ -212,179 +209,3 @@ class ChatCompletionRequest(_Common):
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         kw = self._sampling(limit if limit is not None else default_max_tokens)
         return [GenerationRequest(messages=tuple(m.to_message() for m in self.messages), **kw)]
-
-
-# ---- response bodies: documentation only (the OpenAPI schema; server.render builds them) --------
-
-FinishReason = Literal["stop", "length"]
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """Every error, before a response starts (HTTP status) or in-band in a stream."""
-
-    error: ErrorDetail
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
-    total_tokens: int = Field(ge=0)
-
-
-class TraceCandidate(BaseModel):
-    text: str
-    proposed_by: list[str]
-    eos: bool
-    ppl: dict[str, float | None]  # a perplexity that is not finite is sent as null
-    mean_ppl: float | None
-
-
-class TraceStep(BaseModel):
-    text: str
-    winner: str
-    eos: bool
-    candidates: list[TraceCandidate]
-
-
-class Judge(BaseModel):
-    ppl: dict[str, float | None]
-    mean_ppl: float | None
-
-
-class _ChoiceExtras(BaseModel):
-    logprobs: None
-    fusion_trace: list[TraceStep] | None = None  # per choice when n > 1 and trace is on
-    fusion_judge: Judge | None = None
-
-
-class CompletionChoice(_ChoiceExtras):
-    index: int = Field(ge=0)
-    text: str
-    finish_reason: FinishReason
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-    fusion_trace: list[TraceStep] | None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class ChatChoice(_ChoiceExtras):
-    index: int = Field(ge=0)
-    message: AssistantMessage
-    finish_reason: FinishReason
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    fusion_trace: list[TraceStep] | None = None
-
-
-class _ChunkExtras(BaseModel):
-    usage: Usage | None = None  # only in the last chunk, with stream_options.include_usage
-    fusion_step: TraceStep | None = None
-    fusion_judge: Judge | None = None
-
-
-class CompletionChunkChoice(BaseModel):
-    index: int = Field(ge=0)
-    text: str
-    logprobs: None
-    finish_reason: FinishReason | None
-
-
-class CompletionChunk(_ChunkExtras):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChunkChoice]
-
-
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int = Field(ge=0)
-    delta: ChatDelta
-    logprobs: None
-    finish_reason: FinishReason | None
-
-
-class ChatCompletionChunk(_ChunkExtras):
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class Health(BaseModel):
-    status: Literal["ok", "loading", "error", "shutting_down"]
-    error: str | None = None
-
-
-def sse_event_schema(chunk: type[BaseModel]) -> dict[str, Any]:
-    """The JSON schema of one server-sent event of a stream (as OpenAPI tools read an event:
-    an object whose `data` is the payload): a JSON `chunk`, an in-band error, or `[DONE]`."""
-    payload = {"anyOf": [_inline(chunk.model_json_schema()), _inline(ErrorResponse.model_json_schema())]}
-    return {
-        "type": "object",
-        "required": ["data"],
-        "properties": {"data": {"anyOf": [
-            {"const": "[DONE]"},
-            {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
-        ]}},
-    }
-
-
-def _inline(schema: dict[str, Any]) -> dict[str, Any]:
-    """A pydantic JSON schema with its local `$defs` references substituted (no cycles here)."""
-    defs = schema.pop("$defs", {})
-
-    def sub(node: Any) -> Any:
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            if ref.startswith("#/$defs/"):
-                return sub(dict(defs[ref.removeprefix("#/$defs/")]))
-            return {k: sub(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [sub(v) for v in node]
-        return node
-
-    return sub(schema)

@@ -21,7 +21,7 @@ from fusion.types import GenerationRequest
 
 from .admission import Admission
 from .errors import ShuttingDown
-from .generation import Generation
+from .engine_thread import EngineThread
 from .metrics import Metrics
 
 log = logging.getLogger("coolfusion.server")
@@ -37,7 +37,7 @@ class AppState:
         self.engine: Any | None = None
         self.load_error: str | None = None
         self.shutting_down = False
-        self._generations: set[Generation] = set()
+        self._generations: set[EngineThread] = set()
         if engine is not None:
             self.set_engine(engine)
 
@@ -78,10 +78,10 @@ class AppState:
 
     # ---- generations (event-loop thread) ----------------------------------------------------
 
-    def start_generation(self, request: GenerationRequest, name: str) -> Generation:
+    def start_generation(self, request: GenerationRequest, name: str) -> EngineThread:
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down")
-        gen = Generation(self.require_engine(), request, self.metrics, name=name)
+        gen = EngineThread(self.require_engine(), request, self.metrics, name=name)
         self._generations.add(gen)
         gen.when_exited(lambda: self._generations.discard(gen))
         return gen.start()
@@ -128,14 +128,6 @@ def _engine_healthy(engine: Any) -> bool:
         except Exception:
             return False
     return True
-
-
-def default_max_tokens(engine: Any) -> int | None:
-    """The engine's default for an omitted max_tokens (config fusion.default_max_tokens)."""
-    value = getattr(engine, "default_max_tokens", None)
-    if value is None:  # fall back to the engine's FusionConfig
-        value = getattr(getattr(engine, "fusion", None), "default_max_tokens", None)
-    return value if isinstance(value, int) else None
 
 
 def get_state(request: Request) -> AppState:

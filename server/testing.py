@@ -3,7 +3,7 @@
     with serve_in_thread(create_app(engine, settings)) as base_url:
         client = openai.OpenAI(base_url=base_url + "/v1", api_key="x")
 
-Leaving the block shuts the server down gracefully (see server.serving) and joins it.
+Leaving the block shuts the server down gracefully (see server.uvicorn_server) and joins it.
 `sse_data(lines)` turns a stream's text lines into its `data:` payloads, one per event.
 """
 
@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 from fastapi import FastAPI
 
-from .serving import make_server
+from .uvicorn_server import make_server
 
 
 @contextmanager

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fusion import loop
-from fusion.engine import Engine, make_worker
+from fusion.engine import Engine
+from fusion.loading import LoadedModel
 from fusion.errors import Cancelled, ContextLengthExceeded, InvalidRequest, UnknownModel
 from fusion.types import GenerationRequest, Message
 
@@ -25,22 +26,23 @@ def clone_engine(engine, indices, names=None, **fusion):
     """An engine over already-loaded models (e.g. one model twice)."""
     from fusion.config import FusionConfig
 
-    ws = []
+    models, templates = [], {}
     for j, i in enumerate(indices):
         w = engine.workers[i]
         name = names[j] if names else w.name
-        ws.append(make_worker(name, w.model, w.tokenizer, w.device, context_limit=w.context_limit))
-    return Engine(ws, FusionConfig(**fusion), {w.name: engine.templates[engine.workers[i].name]
-                                                for w, i in zip(ws, indices)})
+        models.append(LoadedModel(name, w.runner.model, w.text.tokenizer, w.device, context_limit=w.context_limit))
+        templates[name] = engine.templates[w.name]
+    return Engine.from_models(models, FusionConfig(**fusion), templates)
 
 
 def hf_greedy(worker, prompt, n):
-    ids = torch.tensor([worker.encode(prompt, special=True)])
+    text = worker.text
+    ids = torch.tensor([text.encode(prompt, special=True)])
     with torch.inference_mode():
-        out = worker.model.generate(ids, max_new_tokens=n, do_sample=False,
-                                    eos_token_id=list(worker.end_ids), pad_token_id=worker.primary_end)
-    new = [t for t in out[0, ids.shape[1]:].tolist() if t not in worker.end_ids]
-    return worker.decode(new)
+        out = worker.runner.model.generate(ids, max_new_tokens=n, do_sample=False,
+                                           eos_token_id=list(text.end_ids), pad_token_id=text.primary_end)
+    new = [t for t in out[0, ids.shape[1]:].tolist() if t not in text.end_ids]
+    return text.decode(new)
 
 
 @pytest.mark.parametrize("which", [0, 1])
@@ -62,13 +64,13 @@ def test_fusing_a_model_with_itself_is_greedy_decoding(engine):
 
 def reference_ppl(worker, prompt_ids, g, cand, eos, end_id):
     """PPL of `cand` after prompt+G by one full forward pass without any cache."""
-    before = prompt_ids + worker.encode(g)
-    after = prompt_ids + worker.encode(g + cand) + ([end_id] if eos else [])
+    before = prompt_ids + worker.text.encode(g)
+    after = prompt_ids + worker.text.encode(g + cand) + ([end_id] if eos else [])
     p = 0
     while p < min(len(before), len(after)) and before[p] == after[p]:
         p += 1
     with torch.inference_mode():
-        logits = worker.model(input_ids=torch.tensor([after])).logits[0].float()
+        logits = worker.runner.model(input_ids=torch.tensor([after])).logits[0].float()
     logp = torch.log_softmax(logits[p - 1 : len(after) - 1], -1)
     nll = -logp.gather(1, torch.tensor(after[p:])[:, None])[:, 0]
     return math.exp(float(nll.mean()))
@@ -76,18 +78,18 @@ def reference_ppl(worker, prompt_ids, g, cand, eos, end_id):
 
 def test_every_ppl_in_the_trace_equals_a_full_recomputation(engine):
     req = GenerationRequest(prompt="The capital of France is", max_tokens=30, trace=True)
-    run = engine._open(engine.workers, req, None, [])
+    run = engine.open_run(req)
     checked = 0
     try:
         for _ in range(14):
-            before = [(st.g_text, st.g_ids == w.encode(st.g_text)) for w, st in zip(run.workers, run.states)]
+            before = [(st.g_text, st.g_ids == w.text.encode(st.g_text)) for w, st in zip(run.workers, run.states)]
             cands = loop.assess(run, loop.propose(run))
             win = loop.select(cands)
             if len(cands) > 1:
                 for c in cands:
                     for w, st, (g, canonical) in zip(run.workers, run.states, before):
                         if canonical:  # the state is T(prompt) + T(G): recompute independently
-                            ref = reference_ppl(w, st.prompt_ids, g, c.text, c.eos, w.primary_end)
+                            ref = reference_ppl(w, st.prompt_ids, g, c.text, c.eos, w.text.primary_end)
                             assert c.ppl[w.name] == pytest.approx(ref, rel=2e-3), (g, c.text, w.name)
                             checked += 1
                     assert c.mean_ppl == pytest.approx(sum(c.ppl.values()) / len(c.ppl))
@@ -96,16 +98,14 @@ def test_every_ppl_in_the_trace_equals_a_full_recomputation(engine):
                 break
             loop.commit(run, win)
     finally:
-        for w, st in zip(run.workers, run.states):
-            w.close(st)
+        run.close()
     assert checked >= 4  # the models disagreed several times: PPLs were really compared
 
 
 def test_cached_state_after_n_steps_equals_a_fresh_prefill(engine):
     for req in [GenerationRequest(prompt="Multi-tasking is hard because"),
                 GenerationRequest(messages=(Message("user", "Name three colours."),))]:
-        runs = []
-        run = engine._open(engine.workers, req, None, runs)
+        run = engine.open_run(req)
         it = loop.segments(run)
         g = ""
         for _ in range(8):
@@ -113,7 +113,7 @@ def test_cached_state_after_n_steps_equals_a_fresh_prefill(engine):
         for w, st in zip(run.workers, run.states):
             assert st.g_text == g
             assert st.ids[: len(st.prompt_ids)] == st.prompt_ids
-            assert w.decode(st.ids[len(st.prompt_ids) : st.committed_len]) == g  # its tokens of G
+            assert w.text.decode(st.ids[len(st.prompt_ids) : st.committed_len]) == g  # its tokens of G
             cached = w.cached_logits(st)
             fresh = w.fresh_logits(st)
             assert torch.allclose(cached, fresh, atol=2e-3, rtol=1e-3), (w.name, (cached - fresh).abs().max())
@@ -123,8 +123,8 @@ def test_cached_state_after_n_steps_equals_a_fresh_prefill(engine):
 def test_chat_renders_each_models_own_template(engine):
     req = GenerationRequest(messages=(Message("system", "Be brief."), Message("user", "Hi")))
     smol, gemma = engine.workers
-    assert "<|im_start|>user" in smol.decode(engine._prompt_ids(smol, req))
-    g = gemma.decode(engine._prompt_ids(gemma, req))
+    assert "<|im_start|>user" in smol.text.decode(engine.prompt_ids(smol, req))
+    g = gemma.text.decode(engine.prompt_ids(gemma, req))
     assert g.startswith("<bos><start_of_turn>user\nBe brief.") and g.endswith("<start_of_turn>model\n")
 
 
@@ -136,7 +136,7 @@ def test_stop_string_truncates_and_max_tokens_cuts_in_the_reference_tokenizer(en
     assert text_of(steps) == full[: full.index(stop)]
     short = list(engine.generate(GenerationRequest(prompt="The capital of France is", max_tokens=5)))
     assert short[-1].finish_reason == "length"
-    ref = engine.workers[0]
+    ref = engine.workers[0].text
     assert len(ref.encode(text_of(short))) == 5 and full.startswith(text_of(short))
     assert short[-1].completion_tokens == 5
 

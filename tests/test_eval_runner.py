@@ -25,7 +25,7 @@ from evaluation.tasks import load_task
 
 needs_data = pytest.mark.skipif(tasks.default_data_dir() is None, reason="no shared/data folder")
 
-# Trace of "oracle" in the server's shape (server/render.py: `winner` is the winning
+# Trace of "oracle" in the server's shape (server/response_bodies.py: `winner` is the winning
 # candidate's first proposer): winners' mean PPLs 2.0, (unscored: all agreed), 4.0 -> 3.0.
 ORACLE_TRACE = [
     {"text": "The", "winner": "oracle-a", "eos": False, "candidates": [

@@ -1,6 +1,6 @@
 """schemathesis against the server's own OpenAPI schema (issue 7), over real HTTP on loopback.
 
-The app is built around the fake engine (tests/fake_engine.py: only HTTP is under test,
+The app is built around the fake engine (tests/fakes.py: only HTTP is under test,
 and it answers in microseconds), served by uvicorn in a thread, with an API key. Every
 operation of the schema gets schema-valid and schema-violating requests (schemathesis'
 positive and negative modes; hypothesis derandomized, so every run sends the same ones),
@@ -29,7 +29,7 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
 
-from fake_engine import FakeEngine  # noqa: E402
+from fakes import FakeEngine  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402

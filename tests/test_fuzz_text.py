@@ -4,7 +4,7 @@ Emoji (ZWJ sequences, flags, skin tones), CJK, RTL with bidi controls, combining
 long whitespace runs, control characters, zero-width characters, and lone surrogates:
 - word starts and the aligned-segment cut (fusion/words.py) on both real tokenizers: no
   crash, offsets sorted and in range, the cut a word start common to both;
-- a real ModelWorker's propose/commit loop (fusion/worker.py) driven by a scripted stand-in
+- a real LocalWorker's propose/commit loop (fusion/local_worker.py) driven by a scripted stand-in
   for the model, so the "model" writes exactly the hostile text (or arbitrary byte tokens,
   including ones that are not UTF-8): every proposal is valid UTF-8, the proposals rejoin
   into the model's text, and no proposal runs past the cap by more than one character;
@@ -17,21 +17,17 @@ long whitespace runs, control characters, zero-width characters, and lone surrog
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import httpx
 import pytest
-import torch
-from fake_engine import FakeEngine
+from fakes import FakeEngine, byte_token_ids, scripted_worker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fusion.config import ServerConfig
-from fusion.engine import Engine
 from fusion.errors import InvalidRequest
 from fusion.types import GenerationRequest, Message
 from fusion.words import REPLACEMENT, WordStarts, common_starts, first_boundary
-from fusion.worker import ModelWorker
 from server.app import create_app
 from server.testing import serve_in_thread, sse_data
 
@@ -100,36 +96,14 @@ def test_word_starts_of_hostile_text_are_sorted_offsets_and_the_cut_is_a_common_
 # ---- proposals: a real worker, driven by a scripted "model" -------------------------------------
 
 
-class ScriptedModel:
-    """Stands in for a causal LM: after position i of `seq` it predicts seq[i + 1] (greedy),
-    past the end `end_id`. Keeps a real DynamicCache in step, as a model would."""
-
-    def __init__(self, seq: list[int], end_id: int, vocab: int):
-        self.seq, self.end_id, self.vocab = seq, end_id, vocab
-        self.config = SimpleNamespace()
-        self.dtype = torch.float32
-
-    def __call__(self, input_ids, past_key_values, cache_position, **_):
-        T = input_ids.shape[1]
-        past_key_values.update(torch.zeros(1, 1, T, 1), torch.zeros(1, 1, T, 1), 0)
-        logits = torch.zeros(1, T, self.vocab)  # (1, T, V)
-        for j, pos in enumerate(cache_position.tolist()):
-            assert pos < len(self.seq) and input_ids[0, j] == self.seq[pos], "the worker fed a token the model did not write"
-            logits[0, j, self.seq[pos + 1] if pos + 1 < len(self.seq) else self.end_id] = 10.0
-        return SimpleNamespace(logits=logits)
-
-
 CAP = 8  # max_segment_tokens for these runs
 
 
 def propose_all(tokenizer, splitters, written: list[int]) -> tuple[list, str]:
     """Let a worker propose and commit (its own proposal wins every step) until the scripted
     model's end token; returns the proposals and the text the model wrote."""
-    end = tokenizer.eos_token_id
     prompt = tokenizer.backend_tokenizer.encode("Say:", add_special_tokens=True).ids
-    model = ScriptedModel(prompt + written, end, len(tokenizer))
-    worker = ModelWorker("scripted", model, tokenizer, end_ids=[end], context_limit=None, device="cpu")
-    worker.all_words = splitters
+    worker = scripted_worker("scripted", tokenizer, prompt + written, splitters)
     state = worker.open(prompt)
     proposals = []
     try:
@@ -157,27 +131,6 @@ def test_proposals_of_a_model_writing_hostile_text_rejoin_into_it_as_valid_utf8(
     for p in proposals[:-1]:
         assert p.text  # every step moves on
         assert p.n_tokens is not None and p.n_tokens <= CAP + 3  # the cap, plus at most one unfinished character
-
-
-def byte_token_ids(tokenizer) -> list[int]:
-    """The 256 single-byte tokens: SentencePiece byte fallback (<0xNN>) or byte-level BPE."""
-    unk = tokenizer.unk_token_id
-    ids = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)]
-    if all(i is not None and i != unk for i in ids):
-        return ids
-    # byte-level BPE (GPT-2): printable bytes stand for themselves, the rest for chr(256 + k)
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, k = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + k)
-            k += 1
-    vocab = tokenizer.get_vocab()  # bytes never seen in training (0xC0, 0xF5-0xFF, ...) may be missing
-    ids = [vocab.get(table[b], unk) for b in range(256)]
-    assert sum(i != unk for i in ids) > 200, "no byte tokens found"
-    return ids
 
 
 @FUZZ_WORKER

@@ -12,38 +12,22 @@ ends would show as growth that does not come back. The figures go to stdout (pyt
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "load_test.py"
+from bench import load_test
 
 CLIENTS = 8
 MAX_TOKENS = 8
 
 
-def _bench():
-    name = "coolfusion_bench_load_test"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="module")
 def plan():
-    lt = _bench()
-    return lt.plan_clients(CLIENTS, lt.PROMPTS[:2], disconnect_fraction=0.25)
+    return load_test.plan_clients(CLIENTS, load_test.PROMPTS[:2], disconnect_fraction=0.25)
 
 
 @pytest.fixture(scope="module")
 def report(engine, plan):
-    lt = _bench()
-    rep = lt.serve_and_load(engine, plan, max_tokens=MAX_TOKENS, max_concurrent=4, request_timeout_s=300,
+    rep = load_test.serve_and_load(engine, plan, max_tokens=MAX_TOKENS, max_concurrent=4, request_timeout_s=300,
                             idle_timeout_s=60)
     print("\n" + "\n".join(rep.lines()))
     return rep

@@ -1,4 +1,4 @@
-"""`backend: ray` (fusion/ray_backend.py): the source models as Ray actors, on a local Ray
+"""`backend: ray` (fusion/ray_worker.py, fusion/ray_actor.py): the source models as Ray actors, on a local Ray
 cluster on loopback (CPU) with the real embedded pair. The Ray tests are skipped when Ray is
 not installed (`pip install '.[ray]'`); the config tests run either way.
 """
@@ -79,16 +79,27 @@ def ray_engine(config):
     """The engine with `backend: ray`: one actor per model on a fresh local cluster (loopback)."""
     import ray
 
-    from fusion import ray_backend
     from fusion.engine import Engine
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
-        engine = Engine.from_config(parse_config(as_ray(config, num_cpus=1)))
+        engine = Engine.from_config(parse_config(as_ray(config, num_cpus=0.5)))
         yield engine
-        ray_backend.shutdown(engine)
+        engine.close()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def slow_ray_engine(config, ray_engine):
+    """`fusion.fast_paths: false` under `backend: ray`, on the same local cluster."""
+    from fusion.engine import Engine
+
+    data = as_ray(config, num_cpus=0.5)
+    data["fusion"] = {**data["fusion"], "fast_paths": False}
+    engine = Engine.from_config(parse_config(data))
+    yield engine
+    engine.close()
 
 
 def comparable(steps):
@@ -99,7 +110,7 @@ def comparable(steps):
 @needs_ray
 @pytest.mark.parametrize("req", REQUESTS, ids=["france", "code", "chat"])
 def test_ray_backend_gives_byte_identical_output_to_the_local_backend(engine, ray_engine, req):
-    from fusion.ray_backend import RayWorker
+    from fusion.ray_worker import RayWorker
 
     assert all(isinstance(w, RayWorker) for w in ray_engine.workers)
     local = list(engine.generate(req))
@@ -111,6 +122,24 @@ def test_ray_backend_gives_byte_identical_output_to_the_local_backend(engine, ra
             assert ca.ppl.keys() == cb.ppl.keys()
             assert all(math.isclose(ca.ppl[k], cb.ppl[k], rel_tol=1e-4) for k in ca.ppl)
     assert all(w.open_requests() == 0 for w in ray_engine.workers)  # every state was closed
+
+
+@needs_ray
+def test_fast_paths_off_under_ray_turns_them_off_in_the_actors(ray_engine, slow_ray_engine):
+    """The option reaches the actors (it is given at construction): they report it, and they
+    do the reference path's work: no lookahead or KV reuse, so every step re-feeds the whole
+    sequence, many times the tokens of the fast path, for the same text."""
+    assert [w.actor_info().fast for w in ray_engine.workers] == [True, True]
+    assert [w.actor_info().fast for w in slow_ray_engine.workers] == [False, False]
+    req = REQUESTS[0]
+    fed = []
+    texts = []
+    for eng in (ray_engine, slow_ray_engine):
+        before = [w.forward_tokens for w in eng.workers]
+        texts.append("".join(s.text for s in eng.generate(req)))
+        fed.append([w.forward_tokens - b for w, b in zip(eng.workers, before)])
+    assert texts[0] == texts[1]
+    assert all(slow > 3 * fast for fast, slow in zip(*fed)), fed
 
 
 @needs_ray

@@ -45,7 +45,7 @@ def test_top_level_help_lists_installed_subcommands_without_importing_them():
     r = subprocess.run(
         [sys.executable, "-c", "import sys; from server.cli import main\n"
          "try: main(['--help'])\nexcept SystemExit: pass\n"
-         "print('IMPORTED' if {'fusion.bench', 'evaluation.cli', 'torch'} & set(sys.modules) else 'LAZY')"],
+         "print('IMPORTED' if {'bench.speed', 'evaluation.cli', 'torch'} & set(sys.modules) else 'LAZY')"],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "serve" in r.stdout and r.stdout.strip().endswith("LAZY")
     for name, (module, _) in DELEGATES.items():
@@ -86,7 +86,7 @@ def test_a_missing_config_file_exits_2_with_a_message(tmp_path, capsys):
 STUB = textwrap.dedent('''
     import sys, time, types
     sys.path.insert(0, {tests!r})
-    from fake_engine import FakeEngine
+    from fakes import FakeEngine
 
     class Engine:
         @classmethod

@@ -12,7 +12,7 @@ import logging
 import httpx
 import openai
 import pytest
-from fake_engine import FakeEngine
+from fakes import FakeEngine
 
 from fusion.config import ServerConfig
 from server.app import app_state, create_app

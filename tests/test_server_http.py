@@ -13,7 +13,7 @@ import threading
 import httpx
 import openai
 import pytest
-from fake_engine import FakeEngine, words
+from fakes import FakeEngine, words
 
 from fusion.config import ServerConfig
 from fusion.types import VARIANTS, GenerationRequest, Message

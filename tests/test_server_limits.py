@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from fake_engine import FakeEngine, words
+from fakes import FakeEngine, words
 from prometheus_client.parser import text_string_to_metric_families
 
 from fusion.config import ServerConfig

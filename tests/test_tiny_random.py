@@ -14,7 +14,8 @@ import torch
 
 from fusion import loop
 from fusion.config import FusionConfig
-from fusion.engine import Engine, make_worker
+from fusion.engine import Engine
+from fusion.loading import LoadedModel
 from fusion.types import GenerationRequest
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,14 +39,14 @@ def tiny(arch: str, tok, seed: int, dtype=torch.float32):
 @pytest.fixture(scope="module")
 def tiny_engine(tokenizers):
     smol, gemma = tokenizers
-    workers = [make_worker("tiny-llama", tiny("llama", smol, 0), smol, DEVICE),
-               make_worker("tiny-gemma3", tiny("gemma3_text", gemma, 1), gemma, DEVICE)]
-    return Engine(workers, FusionConfig(max_segment_tokens=6))
+    models = [LoadedModel("tiny-llama", tiny("llama", smol, 0), smol, DEVICE),
+              LoadedModel("tiny-gemma3", tiny("gemma3_text", gemma, 1), gemma, DEVICE)]
+    return Engine.from_models(models, FusionConfig(max_segment_tokens=6))
 
 
 def test_state_after_many_steps_equals_fresh_prefill_across_the_sliding_window(tiny_engine):
     req = GenerationRequest(prompt="Multi-tasking is hard because you have to")
-    run = tiny_engine._open(tiny_engine.workers, req, None, [])
+    run = tiny_engine.open_run(req)
     it = loop.segments(run)
     scored = 0
     for _ in range(25):
@@ -58,13 +59,13 @@ def test_state_after_many_steps_equals_fresh_prefill_across_the_sliding_window(t
         assert len(st.ids) > 2 * 8  # well past the sliding window
         cached, fresh = w.cached_logits(st), w.fresh_logits(st)
         assert torch.allclose(cached, fresh, atol=1e-3, rtol=1e-3), (w.name, (cached - fresh).abs().max())
-        w.close(st)
+    run.close()
 
 
 def test_block_scoring_equals_one_forward_per_candidate(tiny_engine):
     """A batched scoring pass gives the same PPLs as scoring each candidate alone."""
     w = tiny_engine.workers[1]
-    st = w.open(w.encode("The quick brown fox jumps over the lazy dog and then", special=True))
+    st = w.open(w.text.encode("The quick brown fox jumps over the lazy dog and then", special=True))
     cands = [(" runs", False), (" sleeps all day", False), ("", True), (" 走", False)]
     together = w.score(st, cands)
     alone = []
@@ -85,8 +86,8 @@ def test_growing_kv_cache_matches_dynamic_cache_and_appends_in_place(tiny_engine
 
     from fusion import kvcache
 
-    model = tiny_engine.workers[1].model  # Gemma-3 shaped: sliding and full layers
-    cache_kw = tiny_engine.workers[1]._cache_kw  # the forward's name for the cache
+    model = tiny_engine.workers[1].runner.model  # Gemma-3 shaped: sliding and full layers
+    cache_kw = tiny_engine.workers[1].runner.cache_kw  # the forward's name for the cache
     ours, ref = kvcache.new_cache(), DynamicCache()
     g = torch.Generator().manual_seed(0)
 
@@ -135,7 +136,7 @@ def test_benchmark_figures_follow_their_definitions(tiny_engine):
     really produced, and the result is JSON."""
     import json
 
-    from fusion import bench
+    from bench import speed as bench
 
     res = bench.measure(tiny_engine, bench.PROMPTS[:2], 8, growth_steps=2, growth_repeats=1)
     names = tiny_engine.source_names
@@ -145,7 +146,7 @@ def test_benchmark_figures_follow_their_definitions(tiny_engine):
     assert res["fused_vs_floor"] == pytest.approx(res["cool_fusion"]["chars_per_s"] / res["floor_one_device_chars_per_s"])
     texts = [tiny_engine.complete_text(GenerationRequest(prompt=p, max_tokens=8))[0] for p in bench.PROMPTS[:2]]
     assert res["cool_fusion"]["texts"] == texts and res["cool_fusion"]["chars"] == sum(map(len, texts))
-    floor_s = sum(sum(len(w.encode(t)) for t in texts) / res["hf_generate"][w.name]["tokens_per_s"]
+    floor_s = sum(sum(len(w.text.encode(t)) for t in texts) / res["hf_generate"][w.name]["tokens_per_s"]
                   for w in tiny_engine.workers)
     assert res["fused_vs_floor_tokens"] == pytest.approx(floor_s / res["cool_fusion"]["seconds"])
     assert res["cost_growth"] == pytest.approx(res["ms_per_step_at_2000"] / res["ms_per_step_at_100"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import replace
 
 from fusion import loop
 from fusion.types import GenerationRequest, Message
@@ -40,10 +40,10 @@ def test_cool_rerank_picks_among_the_individual_answers_plus_cools(engine):
 
 
 def test_noalign_segments_end_at_the_proposers_own_word_boundary(engine):
-    every = [w.words for w in engine.workers]
+    every = [w.text.words for w in engine.workers]
     req = GenerationRequest(prompt="The first twenty digits of pi are 3.")  # digits: SmolLM cuts, Gemma cannot
     for align in (False, True):
-        run = engine._open(engine.workers, req, None, [], align=align)
+        run = engine.open_run(replace(req, model="cool-fusion" if align else "cool-fusion-noalign"))
         not_common = 0
         try:
             for _ in range(8):
@@ -51,9 +51,9 @@ def test_noalign_segments_end_at_the_proposers_own_word_boundary(engine):
                 for w, st, p in zip(run.workers, run.states, proposals):
                     if p.eos or p.capped:
                         continue
-                    seen = w.decode(st.ids[st.committed_len :])  # the proposal with its lookahead
+                    seen = w.text.decode(st.ids[st.committed_len :])  # the proposal with its lookahead
                     assert seen.startswith(p.text) and len(seen) > len(p.text)
-                    assert len(p.text) in w.words(seen)  # always a boundary of the proposer
+                    assert len(p.text) in w.text.words(seen)  # always a boundary of the proposer
                     common = len(p.text) in common_starts(seen, every)
                     assert common or not align  # Cool: always a common boundary
                     not_common += not common
@@ -62,8 +62,7 @@ def test_noalign_segments_end_at_the_proposers_own_word_boundary(engine):
                     break
                 loop.commit(run, win)
         finally:
-            for w, st in zip(run.workers, run.states):
-                w.close(st)
+            run.close()
         if not align:
             assert not_common > 0  # the ablation really cuts where the other tokenizer has no boundary
 

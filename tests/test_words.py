@@ -1,4 +1,4 @@
-"""Word boundaries and the aligned-segment rule on the two real tokenizers (DESIGN.md 1.2)."""
+"""Word boundaries and the aligned-segment rule on the two real tokenizers (docs/architecture.md, section 1)."""
 
 from __future__ import annotations
 

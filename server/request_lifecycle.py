@@ -24,19 +24,19 @@ from typing import Any, AsyncIterator
 
 import anyio
 
+from fusion import limits
 from fusion.errors import Cancelled, FusionError, InvalidRequest
 from fusion.types import GenerationRequest
 
 from .admission import Ticket
 from .errors import InternalError, ShuttingDown, dumps, in_band
-from .generation import Generation, GenerationTimeout
-from .render import ChoiceResult, JobInfo, content_chunk, response_body, role_chunk, usage_chunk
+from .engine_thread import EngineThread, GenerationTimeout
+from .response_bodies import ChoiceResult, JobInfo, content_chunk, response_body, role_chunk, usage_chunk
 from .schemas import ChatCompletionRequest, CompletionRequest
-from .state import AppState, default_max_tokens
+from .state import AppState
 
 log = logging.getLogger("coolfusion.server")
 
-MAX_CHOICES = 64  # prompts x n in one request
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Job:
     deadline: float
     ticket: Ticket
     log_fields: dict[str, Any]
-    current: Generation | None = None
+    current: EngineThread | None = None
     results: list[ChoiceResult] = field(default_factory=list)
 
     def cancel(self, reason: str) -> None:
@@ -79,10 +79,10 @@ async def prepare(
     kind = "text" if isinstance(body, CompletionRequest) else "chat"
     log_fields.update(model=body.model, stream=bool(body.stream), n=body.choices_per_prompt)
     engine = state.require_engine()
-    bases = body.base_requests(default_max_tokens(engine))
+    bases = body.base_requests(engine.default_max_tokens)  # config fusion.default_max_tokens
     n = body.choices_per_prompt
-    if len(bases) * n > MAX_CHOICES:
-        raise InvalidRequest(f"at most {MAX_CHOICES} choices (prompts x n) per request", param="n")
+    if len(bases) * n > limits.MAX_CHOICES:
+        raise InvalidRequest(f"at most {limits.MAX_CHOICES} choices (prompts x n) per request", param="n")
     prompt_tokens = 0
     for req in bases:
         prompt_tokens += int(await anyio.to_thread.run_sync(engine.check, req))

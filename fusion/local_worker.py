@@ -1,10 +1,7 @@
-"""A source-model worker: one model, its KV caches, and the paper's Table 1 interface.
+"""The in-process worker: one model's side of the fusion, per request (fusion.worker_protocol).
 
-    open(prompt_ids) -> state       propose(state, ...) -> Proposal
-    score(state, candidates) -> NLLs    commit(state, text)    close(state)
-
-Only text and numbers cross this boundary, so the fusion loop can drive local workers or
-remote ones alike. Per request, a `State` holds the model's token sequence
+`LocalWorker` implements the Table 1 contract over a `ModelRunner` (the forwards) and a
+`TokenizerSide` (the text). Per request, a `State` holds the model's token sequence
 `ids = prompt + T(G) + lookahead` and a KV cache holding the first `kv_len` of them.
 The cache is never rebuilt from scratch after `open`:
 
@@ -14,31 +11,25 @@ The cache is never rebuilt from scratch after `open`:
   block attention mask and per-block position ids (paper 2.4), so no cache is copied;
 - commit keeps what it can: the lookahead (own proposal won), else the winner's scored block
   moved into place, else the longest common prefix (the rest is fed lazily, once);
-- T(G) is kept incrementally: only the tail is re-tokenized (`retokenize_tail`).
+- T(G) is kept incrementally: only the tail is re-tokenized (`TokenizerSide.retokenize_tail`).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from typing import Sequence
+
 from . import kvcache
+from .loading import LoadedModel
+from .model_runner import ModelRunner
+from .tokenizer_side import TokenizerSide, end_tokens
 from .words import REPLACEMENT, WordStarts, first_boundary
-
-
-@dataclass
-class Proposal:
-    text: str  # the candidate segment s_u
-    eos: bool  # the model ended its turn right after `text`
-    n_tokens: int | None  # proposal tokens that decode to `text` (None: no token boundary there)
-    logprobs: list[float]  # log p of those tokens under the model (temperature 1)
-    capped: bool = False  # ended by max_segment_tokens, not at a boundary
-    starts: list[int] = field(default_factory=list)  # char offset in `text` where each token starts
+from .worker_protocol import Proposal, Sampling, WorkerOptions
 
 
 @dataclass
@@ -84,92 +75,54 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-class ModelWorker:
-    """Owns one loaded model and tokenizer; every method takes the request's `State`."""
+class LocalWorker:
+    """One loaded model serving many requests; every method takes the request's `State`."""
 
-    def __init__(self, name, model, tokenizer, *, end_ids, chat_end_ids=(), context_limit, device):
+    def __init__(self, name: str, runner: ModelRunner, text: TokenizerSide, options: WorkerOptions, *,
+                 context_limit: int | None = None):
         self.name = name
-        self.model = model
-        self.tokenizer = tokenizer
-        self.words = WordStarts(tokenizer)
-        self.all_words: list[WordStarts] = [self.words]  # every source model's; set by the engine
-        self.device = device
-        self.end_ids = frozenset(end_ids)  # tokens that end a proposal (EOS, end of turn)
-        self.primary_end = list(end_ids)[0]
-        self.chat_end = list(chat_end_ids)[0] if chat_end_ids else self.primary_end
-        self.context_limit = context_limit
-        self.lock = threading.RLock()  # one forward at a time on this model
-        self._backend = tokenizer.backend_tokenizer
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self._layer_types = tuple(getattr(cfg, "layer_types", None) or ())
-        self._sliding = getattr(cfg, "sliding_window", None)
-        # transformers 5.2x renamed the forward's `past_key_values` to `cache`
-        params = inspect.signature(getattr(model, "forward", model)).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.forward_tokens = 0  # tokens fed through the model (for the benchmark)
-        self.tok_seconds = 0.0  # time spent in tokenizer work: encode, decode, word starts
-        self.fast = True  # False: no lookahead, no KV reuse, full re-tokenization (reference)
+        self.runner = runner
+        self.text = text
+        self.options = options
+        self.context_limit = context_limit or runner.max_positions
+        self.device = runner.device
+        self._splitters = tuple(options.all_words) or (text.words,)  # every model's word rule
 
-    # ---- tokenizer helpers -------------------------------------------------------------
+    @classmethod
+    def from_loaded(cls, m: LoadedModel, options: WorkerOptions) -> "LocalWorker":
+        """A worker over a loaded model, with its end tokens: the EOS ids of the tokenizer
+        and generation config, plus configured `stop_tokens` (e.g. Gemma's <end_of_turn>)."""
+        runner = ModelRunner(m.model, m.device)
+        ends, chat_ends = end_tokens(m.name, m.tokenizer, runner.generation_config, m.stop_tokens)
+        return cls(m.name, runner, TokenizerSide(m.name, m.tokenizer, ends, chat_ends), options,
+                   context_limit=m.context_limit)
 
-    def encode(self, text: str, *, special: bool = False) -> list[int]:
-        t = time.perf_counter()
-        ids = self._backend.encode(text, add_special_tokens=special).ids
-        self.tok_seconds += time.perf_counter() - t
-        return ids
+    def __repr__(self) -> str:
+        return f"LocalWorker({self.name})"
 
-    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
-        t = time.perf_counter()
-        enc = self._backend.encode(text, add_special_tokens=False)
-        self.tok_seconds += time.perf_counter() - t
-        return enc.ids, [s for s, _ in enc.offsets]
+    @property
+    def fast(self) -> bool:
+        return self.options.fast
 
-    def decode(self, ids: list[int]) -> str:
-        t = time.perf_counter()
-        text = self._backend.decode(ids, skip_special_tokens=False)
-        self.tok_seconds += time.perf_counter() - t
-        return text
+    @property
+    def healthy(self) -> bool:
+        return True
 
-    def retokenize_tail(self, st: State, text: str) -> tuple[int, list[int], list[int]]:
-        """T(G + text) as (keep, tail_ids, tail_starts): g_ids[:keep] + tail_ids.
+    @property
+    def forward_tokens(self) -> int:
+        return self.runner.forward_tokens
 
-        Re-tokenizes only from a restart token a few tokens back. The restart is accepted
-        when re-tokenizing from it reproduces the token that was there (a stable boundary);
-        otherwise it moves further back. Returned starts are offsets in the new G."""
-        new_g = st.g_text + text
-        back = 8 if self.fast else len(st.g_ids) + 1
-        while True:
-            r = max(0, len(st.g_ids) - back)
-            while 0 < r < len(st.g_ids) and st.g_starts[r] == st.g_starts[r - 1]:
-                r -= 1  # never restart inside a character split over byte tokens
-            c0 = st.g_starts[r] if r < len(st.g_ids) else len(st.g_text)
-            ids, starts = self.encode_with_starts(new_g[c0:])
-            if r == 0 or (ids and r < len(st.g_ids) and ids[0] == st.g_ids[r]):
-                return r, ids, [c0 + s for s in starts]
-            back *= 2
+    @property
+    def tok_seconds(self) -> float:
+        return self.text.tok_seconds
+
+    def shutdown(self) -> None:
+        """Nothing to release: the model lives as long as this process."""
+
+    def seq_len(self, st: State) -> int:
+        return len(st.ids)
 
     # ---- KV cache primitives -------------------------------------------------------------
-
-    def _forward(self, st: State, tokens: list[int], positions=None, mask=None, last_only=False) -> torch.Tensor:
-        """Feed `tokens` after the cache's current contents; returns logits (T, V), or (1, V)
-        for the last token only (`last_only`: a prefill skips the LM head on the others)."""
-        past = st.cache.get_seq_length()
-        inp = torch.tensor([tokens], device=self.device)  # (1, T)
-        kwargs = {}
-        if positions is not None:
-            kwargs["position_ids"] = torch.tensor([positions], device=self.device)
-        else:
-            kwargs["position_ids"] = torch.arange(past, past + len(tokens), device=self.device)[None]
-        kwargs["cache_position"] = torch.arange(past, past + len(tokens), device=self.device)
-        if mask is not None:
-            kwargs["attention_mask"] = mask
-        if last_only:
-            kwargs["logits_to_keep"] = 1
-        kwargs[self._cache_kw] = st.cache
-        with torch.inference_mode():
-            out = self.model(input_ids=inp, use_cache=True, **kwargs)
-        self.forward_tokens += len(tokens)
-        return out.logits[0].float()  # (T, V)
 
     def _sync(self, st: State, upto: int | None = None) -> None:
         """Make the cache hold `ids[:upto]` (default: all of `ids`, with `logits` the
@@ -180,20 +133,20 @@ class ModelWorker:
         if st.kv_len >= upto:  # logits unknown: re-feed the last token
             st.kv_len = upto - 1
         kvcache.crop(st.cache, st.kv_len)
-        logits = self._forward(st, st.ids[st.kv_len : upto], last_only=True)
+        logits = self.runner.forward(st.cache, st.ids[st.kv_len : upto], last_only=True)
         st.kv_len = upto
         st.logits = logits[-1] if upto == len(st.ids) else None
 
     # ---- Table 1 -------------------------------------------------------------------------
 
-    def open(self, prompt_ids: list[int], *, temperature=0.0, top_p=1.0, seed=None) -> State:
+    def open(self, prompt_ids: list[int], sampling: Sampling = Sampling()) -> State:
         gen = None
-        if temperature > 0:
+        if sampling.temperature > 0:
             gen = torch.Generator(device="cpu")
-            gen.manual_seed(seed if seed is not None else torch.seed())
+            gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         return State(
-            prompt_ids=list(prompt_ids), cache=kvcache.new_cache(), generator=gen,
-            temperature=temperature, top_p=top_p, ids=list(prompt_ids),
+            prompt_ids=list(prompt_ids), cache=self.runner.new_cache(), generator=gen,
+            temperature=sampling.temperature, top_p=sampling.top_p, ids=list(prompt_ids),
         )
 
     def close(self, st: State) -> None:
@@ -219,8 +172,8 @@ class ModelWorker:
         """Decode from the committed state until the text has a word boundary common to every
         source model's tokenizer (`align`; else this model's own: the Cool-align ablation),
         the model ends its turn, or `max_tokens` tokens were decoded."""
-        splitters = self.all_words if align else [self.words]
-        with self.lock:
+        splitters = self._splitters if align else (self.text.words,)
+        with self.runner.lock:
             base = st.committed_len
             if not self.fast:  # no lookahead: decode again from the committed state
                 del st.ids[base:]
@@ -231,30 +184,30 @@ class ModelWorker:
             logps = list(st.la_logprobs)
             ends: list[int | None] = []  # char length of decode(toks[:i+1]) when complete
             for i in range(len(toks)):
-                t = self.decode(toks[: i + 1])
+                t = self.text.decode(toks[: i + 1])
                 ends.append(None if t.endswith(REPLACEMENT) else len(t))
             prop = self._cut(toks, logps, ends, splitters)
             while prop is None:
                 self._sync(st)
                 tok, lp = self._sample(st, st.logits)
-                if tok in self.end_ids:
-                    text = self.decode(toks)
+                if tok in self.text.end_ids:
+                    text = self.text.decode(toks)
                     whole = not text.endswith(REPLACEMENT)
                     prop = Proposal(_complete(text), True, len(toks) if whole else None, logps)
                     break
                 toks.append(tok)
                 logps.append(lp)
                 st.ids.append(tok)
-                t = self.decode(toks)
+                t = self.text.decode(toks)
                 ends.append(None if t.endswith(REPLACEMENT) else len(t))
                 prop = self._cut(toks, logps, ends, splitters)
                 if prop is None and len(toks) >= max_tokens:
                     n = max((i + 1 for i, e in enumerate(ends) if e is not None), default=0)
                     if n:  # never an empty candidate: go on until a character is complete
-                        prop = Proposal(self.decode(toks[:n]), False, n, logps[:n], True, _starts(ends[:n]))
+                        prop = Proposal(self.text.decode(toks[:n]), False, n, logps[:n], True, _starts(ends[:n]))
                     elif len(toks) >= max_tokens + 3:  # a character has at most 4 bytes: these never
                         # complete one (not UTF-8), so cut anyway; decode() made them U+FFFD
-                        prop = Proposal(self.decode(toks), False, len(toks), logps, True, _starts(ends))
+                        prop = Proposal(self.text.decode(toks), False, len(toks), logps, True, _starts(ends))
             st.la_logprobs = logps
             st.proposal = prop
             return prop
@@ -262,10 +215,10 @@ class ModelWorker:
     def _cut(self, toks, logps, ends, splitters) -> Proposal | None:
         if not toks or ends[-1] is None:
             return None
-        text = self.decode(toks)
+        text = self.text.decode(toks)
         t = time.perf_counter()
         p = first_boundary(text, splitters, allowed={e for e in ends if e is not None})
-        self.tok_seconds += time.perf_counter() - t
+        self.text.tok_seconds += time.perf_counter() - t
         if p is None:
             return None
         n = next(i + 1 for i, e in enumerate(ends) if e == p)
@@ -274,7 +227,7 @@ class ModelWorker:
     def _candidate_ids(self, st: State, text: str, eos: bool, end_id: int) -> tuple[list[int], int]:
         """The model's full token sequence after committing `text` (plus its end token when
         `eos`), and p: how many leading tokens it shares with the committed sequence."""
-        keep, tail, _ = self.retokenize_tail(st, text)
+        keep, tail, _ = self._retokenize(st, text)
         target = st.prompt_ids + st.g_ids[:keep] + tail + ([end_id] if eos else [])
         p = len(st.prompt_ids) + keep + common_prefix(st.g_ids[keep:], tail)
         return target, p
@@ -283,8 +236,8 @@ class ModelWorker:
               mode: str = "mean_nll") -> list[float]:
         """PPL of each candidate in context: exp(mean NLL) of the candidate's new tokens
         (`nll_sum`: exp of the sum). One forward pass for all candidates that need one."""
-        end_id = self.primary_end if end_id is None else end_id
-        with self.lock:
+        end_id = self.text.primary_end if end_id is None else end_id
+        with self.runner.lock:
             base = st.committed_len
             # blocks attend to the committed prefix only: an unfed lookahead token can wait
             self._sync(st, upto=base)
@@ -313,15 +266,12 @@ class ModelWorker:
 
     def _score_blocks(self, st: State, todo, nlls, candidates) -> None:
         kv = st.kv_len
-        blocks, positions = [], []
+        blocks = []
         for i, target, p in todo:
             blk = target[p - 1 :]  # anchor token at position p-1, then the new tokens
             blocks.append((i, blk, p))
-            positions.extend(range(p - 1, p - 1 + len(blk)))
-        T = len(positions)
-        mask = self._block_mask(kv, blocks, T)
         tokens = [t for _, blk, _ in blocks for t in blk]
-        logits = self._forward(st, tokens, positions=positions, mask=mask)  # (T, V)
+        logits = self.runner.forward(st.cache, tokens, blocks=[(p - 1, len(blk)) for _, blk, p in blocks])  # (T, V)
         off = 0
         for i, blk, p in blocks:
             L = len(blk)
@@ -332,34 +282,9 @@ class ModelWorker:
             st.blocks[(text, eos)] = _Block(kv + off, blk, p, logits[off + L - 1].clone())
             off += L
 
-    def _block_mask(self, kv: int, blocks, T: int):
-        """(1, 1, T, kv+T) additive mask: block tokens see the committed prefix before their
-        anchor and their own block causally (and, on sliding layers, only the window)."""
-        dev = self.device
-        lens = torch.tensor([len(blk) for _, blk, _ in blocks], device=dev)  # (B,)
-        firsts = torch.tensor([p - 1 for _, _, p in blocks], device=dev)  # (B,) anchor positions
-        block_of = torch.repeat_interleave(torch.arange(len(blocks), device=dev), lens)  # (T,)
-        offset = torch.arange(T, device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-        q_pos = firsts[block_of] + offset  # (T,) sequence positions of the block tokens
-        k_cached = torch.arange(kv, device=dev)  # (kv,) cache slot == position for the prefix
-        sees_prefix = k_cached[None, :] < firsts[block_of][:, None]  # (T, kv)
-        sees_block = (block_of[:, None] == block_of[None, :]) & (offset[None, :] <= offset[:, None])  # (T, T)
-        allow = torch.cat([sees_prefix, sees_block], 1)  # (T, kv+T)
-        k_pos = torch.cat([k_cached, q_pos])  # (kv+T,)
-        neg = torch.finfo(self.model.dtype).min
-
-        def to_mask(a):
-            return torch.zeros(a.shape, dtype=self.model.dtype, device=dev).masked_fill_(~a, neg)[None, None]
-
-        full = to_mask(allow)
-        if self._sliding and "sliding_attention" in self._layer_types:
-            win = allow & (q_pos[:, None] - k_pos[None, :] < self._sliding)
-            return {"full_attention": full, "sliding_attention": to_mask(win)}
-        return full
-
     def commit(self, st: State, text: str, eos: bool = False) -> None:
         """Append the selected `text` to G, reusing every KV entry already computed."""
-        with self.lock:
+        with self.runner.lock:
             own = st.proposal
             if own is not None and own.text == text and not own.eos and not eos and own.n_tokens:
                 # own proposal won: keep the tokens it generated (so a model fused with itself
@@ -376,7 +301,7 @@ class ModelWorker:
                     kvcache.crop(st.cache, 0)
                     st.kv_len, st.logits = 0, None
                 return
-            keep, tail, tail_starts = self.retokenize_tail(st, text)
+            keep, tail, tail_starts = self._retokenize(st, text)
             new_g = st.g_ids[:keep] + tail
             target = st.prompt_ids + new_g
             block = None if eos else st.blocks.get((text, eos))
@@ -403,14 +328,21 @@ class ModelWorker:
 
     def fresh_logits(self, st: State) -> torch.Tensor:
         """Next-token logits from a fresh prefill of `ids` without any cache (for tests)."""
-        with self.lock, torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([st.ids], device=self.device))
-        return out.logits[0, -1].float()
+        return self.runner.fresh_logits(st.ids)
+
+    def _retokenize(self, st: State, text: str) -> tuple[int, list[int], list[int]]:
+        return self.text.retokenize_tail(st.g_text, st.g_ids, st.g_starts, text, fast=self.fast)
 
     def cached_logits(self, st: State) -> torch.Tensor:
-        with self.lock:
+        with self.runner.lock:
             self._sync(st)
             return st.logits
+
+
+def local_workers(models: Sequence[LoadedModel], *, fast: bool = True) -> list[LocalWorker]:
+    """One worker per loaded model, each knowing every model's word rule (paper Table 1)."""
+    options = WorkerOptions(tuple(WordStarts(m.tokenizer) for m in models), fast)
+    return [LocalWorker.from_loaded(m, options) for m in models]
 
 
 def _starts(ends: list[int | None]) -> list[int]:

@@ -4,7 +4,7 @@ For the same prompts it measures (a) each source model alone with plain transfor
 `generate` (greedy), (b) each source model alone through our engine, (c) `cool-fusion`,
 and prints side by side: characters/s and tokens/s, time per step split into propose /
 score / commit / tokenizer work, segments per request, how often all proposals agreed, and
-peak memory. The floors (DESIGN.md section 4): with r_v the characters/s of model v under
+peak memory. The floors (docs/architecture.md, section 5): with r_v the characters/s of model v under
 (a), one device costs 1 / sum_v(1/r_v) per output character, one device per model min_v r_v.
 `cost_growth` is the fused time per step at a ~2,000-token context over that at ~100
 (medians of interleaved repeats: the two lengths see the same machine noise).
@@ -84,38 +84,28 @@ def _sync():
 
 
 def build_engine(args):
-    from .config import FusionConfig, load_config
-    from .engine import Engine
+    from fusion.config import load_config
+    from fusion.engine import Engine
+    from fusion.loading import load
 
     if args.shapes:
-        return Engine(_shaped_workers(args), FusionConfig())
+        return Engine.from_models(_shaped_models(args))
     cfg = load_config(args.config)
     if args.random_weights:
-        return Engine(_random_workers(cfg), cfg.fusion)
+        return Engine.from_models([load(m, random_weights=True, seed=i) for i, m in enumerate(cfg.models)], cfg.fusion)
     return Engine.from_config(cfg)
 
 
-def _random_worker(name, config, tok, device, seed, **kw):
-    """A worker over a model built from `config` with random weights (bf16 on CUDA)."""
-    from transformers import AutoModelForCausalLM
-
-    from .engine import make_worker
-
-    torch.manual_seed(seed)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return make_worker(name, model.eval(), tok, device, **kw)
-
-
-def _shaped_workers(args):
+def _shaped_models(args):
     from transformers import AutoConfig, AutoTokenizer
+
+    from fusion.loading import LoadedModel, random_model
 
     names = [s.strip() for s in args.shapes.split(",")]
     toks = [t.strip() for t in (args.tokenizers or "").split(",") if t.strip()]
     if not toks:
         raise SystemExit("--shapes needs --tokenizers (saved tokenizer directories)")
-    workers = []
+    models = []
     for i, name in enumerate(names):
         shape = dict(SHAPES[name])
         arch = shape.pop("arch")
@@ -123,44 +113,31 @@ def _shaped_workers(args):
         cfg = AutoConfig.for_model(arch, vocab_size=len(tok), max_position_embeddings=8192,
                                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                    pad_token_id=tok.eos_token_id, **shape)
-        workers.append(_random_worker(name, cfg, tok, torch.device(args.device), i))
-    return workers
-
-
-def _random_workers(cfg):
-    from transformers import AutoConfig
-
-    from .loading import load_tokenizer, resolve_device, resolve_source
-
-    workers = []
-    for i, m in enumerate(cfg.models):
-        src = resolve_source(m)
-        config = AutoConfig.from_pretrained(src.directory, gguf_file=src.gguf_file)
-        workers.append(_random_worker(m.name, config, load_tokenizer(src), resolve_device(m.device), i,
-                                      stop_tokens=m.stop_tokens, context_limit=m.context_limit))
-    return workers
+        device = torch.device(args.device)
+        models.append(LoadedModel(name, random_model(cfg, device, i), tok, device))
+    return models
 
 
 def _hf_alone(worker, prompts, n) -> dict:
     chars = toks = 0
     t = 0.0
     for prompt in prompts:
-        ids = torch.tensor([worker.encode(prompt, special=True)], device=worker.device)
+        ids = torch.tensor([worker.text.encode(prompt, special=True)], device=worker.device)
         _sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = worker.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                        pad_token_id=worker.primary_end)
+            out = worker.runner.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                               pad_token_id=worker.text.primary_end)
         _sync()
         t += time.perf_counter() - t0
         new = out[0, ids.shape[1]:].tolist()
         toks += len(new)
-        chars += len(worker.decode(new))
+        chars += len(worker.text.decode(new))
     return {"seconds": t, "chars": chars, "tokens": toks, "chars_per_s": chars / t, "tokens_per_s": toks / t}
 
 
 def _engine_run(engine, model, prompts, n) -> dict:
-    from .types import GenerationRequest
+    from fusion.types import GenerationRequest
 
     tok0 = {w.name: (w.tok_seconds, w.forward_tokens) for w in engine.workers}
     chars = toks = steps = agreed = 0
@@ -168,12 +145,12 @@ def _engine_run(engine, model, prompts, n) -> dict:
     timings = {"propose": 0.0, "score": 0.0, "commit": 0.0}
     t = 0.0
     for prompt in prompts:
-        runs = []
         req = GenerationRequest(prompt=prompt, model=model, max_tokens=n)
         _sync()
         t0 = time.perf_counter()
         text, last = "", None
-        for step in engine.generate(req, runs=runs):
+        gen = engine.start(req)
+        for step in gen:
             text += step.text
             last = step
         _sync()
@@ -181,11 +158,10 @@ def _engine_run(engine, model, prompts, n) -> dict:
         chars += len(text)
         texts.append(text)
         toks += last.completion_tokens
-        for r in runs:
-            steps += r.steps
-            agreed += r.agreed
-            for k in timings:
-                timings[k] += r.timings[k]
+        steps += gen.stats.steps
+        agreed += gen.stats.agreed
+        for k in timings:
+            timings[k] += getattr(gen.stats, f"{k}_s")
     tok_s = sum(w.tok_seconds - tok0[w.name][0] for w in engine.workers)
     fwd = sum(w.forward_tokens - tok0[w.name][1] for w in engine.workers)
     per = max(steps, 1)
@@ -201,43 +177,39 @@ def _engine_run(engine, model, prompts, n) -> dict:
 def _step_time_at(engine, context_tokens: int, steps: int) -> tuple[float, float]:
     """Fused ms per step with a prompt of about `context_tokens` reference tokens, and the
     tokens fed through the models per step (the work a step did: compare like with like)."""
-    from . import loop
-    from .types import GenerationRequest
+    from fusion.types import GenerationRequest
 
-    ref = engine.workers[0]
+    ref = engine.workers[0].text
     filler = ("The quick brown fox jumps over the lazy dog while the sun sets behind the hills. " * 400)
     ids, starts = ref.encode_with_starts(filler)
     prompt = filler[: starts[min(context_tokens, len(ids) - 1)]] + "\nIn summary,"
-    req = GenerationRequest(prompt=prompt, max_tokens=10**6)
-    runs = []
-    run = engine._open(engine.workers, req, None, runs)
-    it = loop.segments(run)
-    next(it)  # prefill and first step, not timed
-    fed = sum(w.forward_tokens for w in run.workers)
+    room = min(w.context_limit or 10**6 for w in engine.workers) - 2 * len(ids[:context_tokens]) - 64
+    gen = engine.start(GenerationRequest(prompt=prompt, max_tokens=max(room, 1)))
+    next(gen)  # prefill and first step, not timed
+    fed = sum(w.forward_tokens for w in engine.workers)
     _sync()
     t0 = time.perf_counter()
     done = 0
     for _ in range(steps):
-        step = next(it, None)
-        if step is None or step.eos:
+        step = next(gen, None)
+        if step is None or step.finish_reason is not None:
             break
         done += 1
     _sync()
     dt = time.perf_counter() - t0
-    fed = sum(w.forward_tokens for w in run.workers) - fed
-    for w, s in zip(run.workers, run.states):
-        w.close(s)
+    fed = sum(w.forward_tokens for w in engine.workers) - fed
+    gen.close()
     return 1000 * dt / max(done, 1), fed / max(done, 1)
 
 
 def _ray_overhead(args, prompts, n, local: dict) -> dict:
     """(c) again with one Ray actor per model; overhead = master round trips minus actor time."""
-    from . import ray_backend
-    from .config import load_config
-    from .engine import Engine
-    from .types import COOL
+    from fusion.config import load_config
+    from fusion.engine import Engine
+    from fusion.ray_worker import ray_config
+    from fusion.types import COOL
 
-    engine = Engine.from_config(ray_backend.ray_config(load_config(args.config), address="local"))
+    engine = Engine.from_config(ray_config(load_config(args.config), address="local"))
     try:
         _engine_run(engine, COOL, prompts[:1], 8)  # warm-up
         for w in engine.workers:
@@ -254,7 +226,7 @@ def _ray_overhead(args, prompts, n, local: dict) -> dict:
 
 def measure(engine, prompts, n, *, skip_hf=False, growth_steps=12, growth_repeats=3) -> dict:
     """All figures of one benchmark run over a loaded engine (see the module docstring)."""
-    from .types import COOL
+    from fusion.types import COOL
 
     _engine_run(engine, COOL, prompts[:1], 8)  # warm-up: first calls allocate, fill caches
     res = {"device": str(engine.workers[0].device), "torch": torch.__version__, "models": engine.source_names,
@@ -279,7 +251,7 @@ def measure(engine, prompts, n, *, skip_hf=False, growth_steps=12, growth_repeat
     res["fused_vs_floor_device_per_model"] = fused / floor_many
     # the fused text priced in each model's own tokens at its (a) tokens/s
     texts = res["cool_fusion"]["texts"]
-    res["fused_text_tokens"] = {w.name: sum(len(w.encode(t)) for t in texts) for w in engine.workers}
+    res["fused_text_tokens"] = {w.name: sum(len(w.text.encode(t)) for t in texts) for w in engine.workers}
     res["fused_text_chars_per_token"] = {v: res["cool_fusion"]["chars"] / max(k, 1)
                                          for v, k in res["fused_text_tokens"].items()}
     floor_s = sum(k / base[v]["tokens_per_s"] for v, k in res["fused_text_tokens"].items())

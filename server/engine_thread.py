@@ -1,4 +1,4 @@
-"""One `engine.generate` call, run in its own thread and consumed from the event loop.
+"""One `engine.generate` call, run in its own thread and consumed from the event loop (`EngineThread`).
 
 The thread owns the engine's generator from first `next()` to `close()` (a generator must
 not be closed from another thread while it runs), so the KV caches are always freed by the
@@ -44,7 +44,7 @@ class _Stopped:
     reason: str
 
 
-class Generation:
+class EngineThread:
     def __init__(self, engine: Any, request: GenerationRequest, metrics: Metrics, *, name: str = "generation"):
         self._engine = engine
         self._request = request
@@ -61,7 +61,7 @@ class Generation:
 
     # ---- event-loop side ------------------------------------------------------------------
 
-    def start(self) -> "Generation":
+    def start(self) -> "EngineThread":
         self._metrics.active_generations.inc()
         self._thread.start()
         return self

@@ -1,6 +1,12 @@
-"""A small stand-in for fusion.engine.Engine, for tests where only HTTP is under test.
+"""Stand-ins shared by the tests: a fake engine (HTTP only), a scripted model, a byte tokenizer.
 
-Same interface (model_ids, source_names, check, generate, active_requests, default_max_tokens)
+- `ScriptedModel`: a causal "LM" that writes a given token sequence, for driving a real
+  `LocalWorker` (its propose / score / commit code) without weights.
+- `byte_tokenizer()`: a real fast tokenizer built in memory (byte-level, one token per
+  byte, words split at spaces), so the fast tests need no tokenizer files.
+- `FakeEngine`: the engine's interface with no models, for tests where only HTTP is under test.
+
+FakeEngine has the same interface (model_ids, source_names, check, generate, active_requests, default_max_tokens)
 and the same typed errors, no models. The reply is deterministic and depends on the request:
 "<model> heard: <prompt words reversed> [la la ...]", split into word segments (a word with
 its leading space, as byte-level BPE words are). One segment = one "token"; the prompt's token
@@ -14,12 +20,93 @@ from __future__ import annotations
 import re
 import threading
 import time
+from types import SimpleNamespace
 from typing import Iterator
+
+import torch
 
 from fusion.errors import Cancelled, ContextLengthExceeded, FusionError, InvalidRequest, UnknownModel
 from fusion.types import VARIANTS, Candidate, GenerationRequest, Step
 
 _WORD = re.compile(r"\s*\S+")
+
+
+# ---- a scripted model and a byte tokenizer ------------------------------------------------------
+
+
+class ScriptedModel:
+    """Stands in for a causal LM: after position i of `seq` it predicts seq[i + 1] (greedy),
+    past the end `end_id`. Keeps a real DynamicCache in step, as a model would. `score`
+    (optional) maps a token to the logit it gets where it is not the scripted one, so
+    candidates other than the script get finite, distinct perplexities."""
+
+    def __init__(self, seq: list[int], end_id: int, vocab: int, *, check_feed: bool = True):
+        self.seq, self.end_id, self.vocab, self.check_feed = seq, end_id, vocab, check_feed
+        self.config = SimpleNamespace()
+        self.dtype = torch.float32
+
+    def __call__(self, input_ids, past_key_values, cache_position, position_ids=None, **_):
+        T = input_ids.shape[1]
+        past_key_values.update(torch.zeros(1, 1, T, 1), torch.zeros(1, 1, T, 1), 0)
+        logits = torch.zeros(1, T, self.vocab)  # (1, T, V)
+        positions = (position_ids[0] if position_ids is not None else cache_position).tolist()
+        for j, pos in enumerate(positions):
+            if self.check_feed:
+                assert pos < len(self.seq) and input_ids[0, j] == self.seq[pos], \
+                    "the worker fed a token the model did not write"
+            nxt = self.seq[pos + 1] if pos + 1 < len(self.seq) else self.end_id
+            logits[0, j, nxt] = 10.0
+        return SimpleNamespace(logits=logits)
+
+
+def byte_tokenizer():
+    """A fast tokenizer with one token per byte (GPT-2's byte alphabet), words split before
+    spaces as byte-level BPE does, and `</s>` (id 256) as EOS. Built in memory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["</s>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+def byte_token_ids(tokenizer) -> list[int]:
+    """The 256 single-byte tokens: SentencePiece byte fallback (<0xNN>) or byte-level BPE."""
+    unk = tokenizer.unk_token_id
+    ids = [tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256)]
+    if all(i is not None and i != unk for i in ids):
+        return ids
+    # byte-level BPE (GPT-2): printable bytes stand for themselves, the rest for chr(256 + k)
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, k = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + k)
+            k += 1
+    vocab = tokenizer.get_vocab()  # bytes never seen in training (0xC0, 0xF5-0xFF, ...) may be missing
+    ids = [vocab.get(table[b], unk) for b in range(256)]
+    assert sum(i != unk for i in ids) > 200, "no byte tokens found"
+    return ids
+
+
+def scripted_worker(name: str, tokenizer, seq: list[int], splitters=None, *, fast: bool = True, **kw):
+    """A real LocalWorker over a ScriptedModel that writes `seq` (prompt + continuation)."""
+    from fusion.loading import LoadedModel
+    from fusion.local_worker import LocalWorker
+    from fusion.worker_protocol import WorkerOptions
+
+    model = ScriptedModel(seq, tokenizer.eos_token_id, len(tokenizer), **kw)
+    options = WorkerOptions(tuple(splitters or ()), fast)
+    return LocalWorker.from_loaded(LoadedModel(name, model, tokenizer, torch.device("cpu")), options)
+
+
+# ---- the fake engine -----------------------------------------------------------------------------
 
 
 def words(text: str) -> list[str]:

@@ -1,14 +1,13 @@
-"""Source-model workers as Ray actors (config `backend: ray`; DESIGN.md section 2).
+"""The master's side of `backend: ray`: a proxy per source model (docs/architecture.md).
 
-One actor per source model, placed by Ray with the model's resource request
-(`ray.num_gpus`, `ray.num_cpus`, overridable per model under `ray.models.NAME`). The actor
-loads its model itself, on its own node, from the ModelConfig, and holds a `ModelWorker`
-plus the states of the requests it serves, by request id. On the master, `RayWorker` stands
-in for a `ModelWorker`: the same methods and attributes, the tokenizer loaded locally for
-the text-side work (encode, word starts, token counts), while `open` returns a small handle
-(`RemoteState`) and propose / score / commit / close are remote calls. The fusion loop is
-unchanged: it already calls every worker from its own thread, and each thread blocks on
-`ray.get`, so the actors compute concurrently. Only text and numbers cross the boundary.
+One Ray actor per source model (`fusion.ray_actor`), placed by Ray with the model's resource
+request (`ray.num_gpus`, `ray.num_cpus`, overridable per model under `ray.models.NAME`).
+On the master, `RayWorker` implements the same `Worker` contract as `LocalWorker`: its
+`text` is the same `TokenizerSide` class over the locally loaded tokenizer (prompt
+encoding, token counts), `open` returns a small handle (`RemoteState`), and propose /
+score / commit / close are remote calls answered by typed `Reply` messages. The fusion
+loop calls every worker from its own thread, and each thread blocks on `ray.get`, so the
+actors compute concurrently.
 
 Failures: an actor that dies fails the calls in flight, and later calls of the requests it
 held, with `NotReady` (HTTP 503). Ray restarts it (`ray.max_restarts`), or, when Ray will
@@ -17,7 +16,8 @@ for the replacement to load and then runs normally.
 
     engine = Engine.from_config(ray_config(load_config("config.yaml"), address="auto"))
 
-This module imports Ray; nothing else in `fusion` does, so Ray stays an optional extra.
+This module and `fusion.ray_actor` import Ray; nothing else in `fusion` does, so Ray stays
+an optional extra.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import ray
 import torch
@@ -36,202 +36,47 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from .config import Config, ModelConfig, RayConfig
 from .errors import ConfigError, NotReady
-from .loading import load_tokenizer, resolve_source
-from .worker import Proposal, common_prefix
+from .ray_actor import PROBE, ActorInfo, Reply, StateLost, start_actor
+from .tokenizer_side import TokenizerSide
+from .worker_protocol import Proposal, Sampling, WorkerOptions
 
 log = logging.getLogger("coolfusion.ray")
-
-_PROBE = "Multi-tasking is hard: 12 x 3 = 36. 多任务 ☕\n"  # tokenizer check, master vs actor
-
-
-class StateLost(Exception):
-    """The actor has no state for this request id: it was restarted since `open`."""
-
-
-@dataclass
-class _Session:
-    state: Any  # the worker's State
-    sent: list[int]  # the state's `ids` as the master last saw them
-
-
-# ---- the actor ------------------------------------------------------------------------------
-
-
-class ModelActor:
-    """Runs in a Ray worker process: one source model and its requests' states."""
-
-    def __init__(self, m: ModelConfig):
-        from .engine import make_worker
-        from .loading import load_model, resolve_device, resolve_dtype
-
-        self.name = m.name
-        src = resolve_source(m)
-        # "auto": the GPU Ray gave this actor (num_gpus), else the CPU, never an unrequested GPU
-        device = resolve_device("cpu" if m.device == "auto" and not ray.get_gpu_ids() else m.device)
-        dtype = resolve_dtype(m.dtype, device, src.gguf_file is not None)
-        log.info("actor loading %s from %s on %s (%s)", m.name, src.directory, device, dtype)
-        tok = load_tokenizer(src)
-        model = load_model(src, device, dtype)
-        self.worker = make_worker(m.name, model, tok, device, stop_tokens=m.stop_tokens,
-                                  context_limit=m.context_limit)
-        self.sessions: dict[int, _Session] = {}
-        self.words_key: bytes | None = None
-
-    def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
-        return f"ModelActor({self.name})"
-
-    def ping(self) -> bool:
-        return True
-
-    def info(self) -> dict:
-        w = self.worker
-        return {
-            "end_ids": sorted(w.end_ids), "primary_end": w.primary_end, "chat_end": w.chat_end,
-            "context_limit": w.context_limit, "device": str(w.device), "vocab": len(w.tokenizer),
-            "probe": w.encode(_PROBE), "node": ray.util.get_node_ip_address(),
-        }
-
-    def set_words(self, ref_box: list) -> None:
-        """Every source model's word rule (`all_words`), sent by the master as an object ref."""
-        ref = ref_box[0]
-        if ref.binary() != self.words_key:
-            self.worker.all_words = ray.get(ref)
-            self.words_key = ref.binary()
-
-    def _reply(self, rid: int, value, t0: float):
-        """(value, keep, tail, committed_len, seconds): the change of `ids` since the last reply."""
-        s = self.sessions[rid]
-        ids, n = s.state.ids, len(s.sent)
-        keep = n if ids[:n] == s.sent else common_prefix(s.sent, ids)
-        tail = ids[keep:]
-        s.sent = list(ids)
-        return value, keep, tail, s.state.committed_len, time.perf_counter() - t0
-
-    def _session(self, rid: int) -> _Session:
-        s = self.sessions.get(rid)
-        if s is None:
-            raise StateLost(f"no request {rid} on {self.name}: the actor was restarted")
-        return s
-
-    def open(self, rid, prompt_ids, temperature, top_p, seed, words_box):
-        t0 = time.perf_counter()
-        self.set_words(words_box)  # a restarted actor learns the word rules again here
-        st = self.worker.open(prompt_ids, temperature=temperature, top_p=top_p, seed=seed)
-        self.sessions[rid] = _Session(st, [])
-        return self._reply(rid, None, t0)
-
-    def propose(self, rid, align, max_tokens):
-        t0 = time.perf_counter()
-        return self._reply(rid, self.worker.propose(self._session(rid).state, align, max_tokens), t0)
-
-    def score(self, rid, candidates, end_id, mode):
-        t0 = time.perf_counter()
-        st = self._session(rid).state
-        return self._reply(rid, self.worker.score(st, candidates, end_id=end_id, mode=mode), t0)
-
-    def commit(self, rid, text, eos):
-        t0 = time.perf_counter()
-        self.worker.commit(self._session(rid).state, text, eos)
-        return self._reply(rid, None, t0)
-
-    def close(self, rid) -> None:
-        s = self.sessions.pop(rid, None)
-        if s is not None:
-            self.worker.close(s.state)
-
-    def logits(self, rid, fresh: bool):
-        t0 = time.perf_counter()
-        st = self._session(rid).state
-        out = (self.worker.fresh_logits if fresh else self.worker.cached_logits)(st)
-        return self._reply(rid, out.detach().cpu(), t0)
-
-    def open_requests(self) -> int:
-        return len(self.sessions)
-
-    def counters(self) -> dict:
-        w = self.worker
-        return {"forward_tokens": w.forward_tokens, "tok_seconds": getattr(w, "tok_seconds", 0.0)}
-
-
-def start_actor(m: ModelConfig, rc: RayConfig):
-    """Ask Ray for the model's actor; returns at once (the model loads in the background)."""
-    res = rc.resources(m.name)
-    return ray.remote(ModelActor).options(
-        num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=rc.max_restarts,
-        max_task_retries=0,  # a request's state lives in the actor: never replay a call
-    ).remote(m)
-
-
-# ---- the master's proxy ---------------------------------------------------------------------
 
 
 @dataclass
 class RemoteState:
-    """The master's handle of one request on one actor. `ids` mirrors the actor's token
-    sequence (prompt + T(G) + lookahead), `g_text` is G; the KV cache stays on the actor."""
+    """The master's handle of one request on one actor; the KV cache stays on the actor."""
 
     rid: int
-    prompt_ids: list[int]
-    ids: list[int] = field(default_factory=list)
-    g_text: str = ""
-    committed_len: int = 0
+    seq_len: int = 0  # the actor's sequence length for the request, from its last Reply
     closed: bool = False
     lost: str | None = None  # why the actor no longer holds this request
 
 
 class RayWorker:
-    """A `ModelWorker` whose model lives in a Ray actor (see the module docstring)."""
+    """A source model in a Ray actor, behind the `Worker` contract (see the module docstring)."""
 
-    def __init__(self, m: ModelConfig, rc: RayConfig, actor, tokenizer):
-        from .words import WordStarts
-
+    def __init__(self, m: ModelConfig, rc: RayConfig, options: WorkerOptions, actor, tokenizer):
         self.name = m.name
-        self.config, self.ray_config = m, rc
-        self.tokenizer = tokenizer
-        self._backend = tokenizer.backend_tokenizer
-        self._tok_seconds = 0.0  # tokenizer work on the master (the actor counts its own)
-        self.words = WordStarts(tokenizer)
+        self.config, self.ray_config, self.options = m, rc, options
         self._actor = actor
         self._lock = threading.Lock()
         self._recovery: threading.Thread | None = None
         self._rids = itertools.count(1)
         self._stats: dict[str, list[float]] = {}  # method -> [calls, round-trip s, actor s]
         info = self._start_info(actor)
-        if info["vocab"] != len(tokenizer) or info["probe"] != self.encode(_PROBE):
-            raise ConfigError(f"models: the tokenizer of {m.name!r} on the Ray node {info['node']} differs "
+        self.text = TokenizerSide(m.name, tokenizer, info.end_ids, (info.chat_end,))
+        if info.vocab != len(tokenizer) or list(info.probe) != self.text.encode(PROBE):
+            raise ConfigError(f"models: the tokenizer of {m.name!r} on the Ray node {info.node} differs "
                               "from the master's (different transformers/tokenizers versions or files?)")
-        self.end_ids = frozenset(info["end_ids"])
-        self.primary_end, self.chat_end = info["primary_end"], info["chat_end"]
-        self.context_limit = info["context_limit"]
-        self.device = torch.device(info["device"])
-        self.node = info["node"]
-        self._words_ref = None
-        self.all_words = [self.words]
+        self.context_limit = info.context_limit
+        self.device = torch.device(info.device)
+        self.node = info.node
 
     def __repr__(self) -> str:
         return f"RayWorker({self.name})"
 
-    # ---- tokenizer helpers, on the master (as ModelWorker's) ----------------------------------
-
-    def encode(self, text: str, *, special: bool = False) -> list[int]:
-        t = time.perf_counter()
-        ids = self._backend.encode(text, add_special_tokens=special).ids
-        self._tok_seconds += time.perf_counter() - t
-        return ids
-
-    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
-        t = time.perf_counter()
-        enc = self._backend.encode(text, add_special_tokens=False)
-        self._tok_seconds += time.perf_counter() - t
-        return enc.ids, [s for s, _ in enc.offsets]
-
-    def decode(self, ids: list[int]) -> str:
-        t = time.perf_counter()
-        text = self._backend.decode(ids, skip_special_tokens=False)
-        self._tok_seconds += time.perf_counter() - t
-        return text
-
-    def _start_info(self, actor) -> dict:
+    def _start_info(self, actor) -> ActorInfo:
         timeout = self.ray_config.start_timeout_s
         try:
             return ray.get(actor.info.remote(), timeout=timeout)
@@ -242,18 +87,6 @@ class RayWorker:
                            f"num_gpus={res.num_gpus:g} free for it?") from None
         except RayActorError as err:
             raise NotReady(f"the Ray actor of model {self.name!r} failed to start: {_summary(err)}") from None
-
-    # ---- word rules of every source model (set by the engine) ----------------------------
-
-    @property
-    def all_words(self) -> list:
-        return self._all_words
-
-    @all_words.setter
-    def all_words(self, words) -> None:
-        self._all_words = list(words)
-        self._words_ref = ray.put(self._all_words)  # kept alive here: restarted actors fetch it
-        self._call("set_words", [self._words_ref])
 
     # ---- remote calls ----------------------------------------------------------------------
 
@@ -281,12 +114,11 @@ class RayWorker:
                     st.lost = msg
                 raise NotReady(msg) from None
             raise
-        if st is not None:  # (value, keep, tail, committed_len, actor seconds)
-            value, keep, tail, st.committed_len, spent = out
-            del st.ids[keep:]
-            st.ids.extend(tail)
-            self._account(method, time.perf_counter() - t0, spent)
-            return value
+        if isinstance(out, Reply):
+            if st is not None:
+                st.seq_len = out.seq_len
+            self._account(method, time.perf_counter() - t0, out.actor_s)
+            return out.value
         return out
 
     def _account(self, method: str, wall: float, spent: float) -> None:
@@ -338,7 +170,7 @@ class RayWorker:
                 ray.kill(actor, no_restart=True)  # frees its resources for the successor
             except Exception as err:  # noqa: BLE001  (already gone)
                 log.debug("ray.kill: %s", err)
-            new = start_actor(self.config, self.ray_config)
+            new = start_actor(self.config, self.options, self.ray_config)
             with self._lock:
                 self._actor = new
             try:
@@ -379,28 +211,26 @@ class RayWorker:
 
     # ---- Table 1 -----------------------------------------------------------------------------
 
-    def open(self, prompt_ids: list[int], *, temperature=0.0, top_p=1.0, seed=None) -> RemoteState:
-        st = RemoteState(next(self._rids), list(prompt_ids))
+    def open(self, prompt_ids: list[int], sampling: Sampling = Sampling()) -> RemoteState:
+        st = RemoteState(next(self._rids))
         self._wait_recovery()
-        args = ("open", st.rid, st.prompt_ids, temperature, top_p, seed, [self._words_ref])
         try:
-            self._call(*args, st=st)
+            self._call("open", st.rid, list(prompt_ids), sampling, st=st)
         except NotReady:  # the actor died while idle (nobody had noticed): once more, on its successor
             self._wait_recovery()
             st.lost = None
-            self._call(*args, st=st)
+            self._call("open", st.rid, list(prompt_ids), sampling, st=st)
         return st
 
     def propose(self, st: RemoteState, align: bool, max_tokens: int) -> Proposal:
         return self._call("propose", st.rid, align, max_tokens, st=st)
 
-    def score(self, st: RemoteState, candidates: list[tuple[str, bool]], *, end_id: int | None = None,
+    def score(self, st: RemoteState, candidates: Sequence[tuple[str, bool]], *, end_id: int | None = None,
               mode: str = "mean_nll") -> list[float]:
         return self._call("score", st.rid, list(candidates), end_id, mode, st=st)
 
     def commit(self, st: RemoteState, text: str, eos: bool = False) -> None:
         self._call("commit", st.rid, text, eos, st=st)
-        st.g_text += text
 
     def close(self, st: RemoteState) -> None:
         """Free the request's KV cache on the actor. Never raises (it runs in `finally`)."""
@@ -411,13 +241,16 @@ class RayWorker:
         if st.lost is None and actor is not None:
             actor.close.remote(st.rid)  # no reply awaited; calls of one caller run in order
 
+    def seq_len(self, st: RemoteState) -> int:
+        return st.seq_len
+
     def cached_logits(self, st: RemoteState) -> torch.Tensor:
         return self._call("logits", st.rid, False, st=st)
 
     def fresh_logits(self, st: RemoteState) -> torch.Tensor:
         return self._call("logits", st.rid, True, st=st)
 
-    # ---- counters for the benchmark (as ModelWorker's; each read is a remote call) ----------
+    # ---- counters for the benchmark (each read is a remote call) ------------------------------
 
     @property
     def forward_tokens(self) -> int:
@@ -427,11 +260,15 @@ class RayWorker:
     @property
     def tok_seconds(self) -> float:
         """Tokenizer time: the actor's (propose, score, commit) plus the master's."""
-        return self._call("counters")["tok_seconds"] + self._tok_seconds
+        return self._call("counters")["tok_seconds"] + self.text.tok_seconds
 
     def open_requests(self) -> int:
         """Requests whose state the actor holds (0 when every request was closed)."""
         return self._call("open_requests")
+
+    def actor_info(self) -> ActorInfo:
+        """The actor's own account of its model and options (asked again, not cached)."""
+        return self._call("info")
 
 
 def _summary(err: BaseException) -> str:
@@ -464,24 +301,20 @@ def connect(rc: RayConfig) -> None:
         raise ConfigError(f"ray.address: cannot connect to a Ray cluster at {rc.address!r}: {err}") from None
 
 
-def ray_workers(cfg: Config) -> tuple[list[RayWorker], dict[str, str | None]]:
-    """One actor per configured model, all loading at once; returns (workers, chat templates)."""
-    from . import chat
-
+def ray_workers(cfg: Config, options: WorkerOptions, tokenizers: Sequence[Any]) -> list[RayWorker]:
+    """One actor per configured model, all loading at once, each built with `options`."""
     connect(cfg.ray)
-    actors = [start_actor(m, cfg.ray) for m in cfg.models]  # they load while the master works
+    actors = [start_actor(m, options, cfg.ray) for m in cfg.models]  # they load in parallel
     try:
-        workers, templates = [], {}
-        for m, actor in zip(cfg.models, actors):
-            tok = load_tokenizer(resolve_source(m))
-            workers.append(RayWorker(m, cfg.ray, actor, tok))
-            templates[m.name] = chat.resolve_template(m.chat_template, tok)
+        workers = []
+        for m, actor, tok in zip(cfg.models, actors, tokenizers):
+            workers.append(RayWorker(m, cfg.ray, options, actor, tok))
             log.info("model %s runs in a Ray actor on %s (%s)", m.name, workers[-1].node, workers[-1].device)
     except BaseException:
         for a in actors:
             ray.kill(a, no_restart=True)
         raise
-    return workers, templates
+    return workers
 
 
 def ray_config(cfg: Config, **ray_settings) -> Config:
@@ -494,9 +327,3 @@ def ray_config(cfg: Config, **ray_settings) -> Config:
     data["ray"] = {**data.get("ray", {}), **ray_settings}
     return parse_config(data)
 
-
-def shutdown(engine) -> None:
-    """Kill every actor of an engine built with `backend: ray`."""
-    for w in engine.workers:
-        if isinstance(w, RayWorker):
-            w.shutdown()
