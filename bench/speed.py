@@ -66,6 +66,12 @@ def add_arguments(p) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="the configured models' architectures and tokenizers with random weights")
     p.add_argument("--skip-hf", action="store_true", help="skip (a), plain transformers generate")
+    p.add_argument("--concurrency", default=None, metavar="LIST",
+                   help="instead of the single-request figures: aggregate chars/s and latency with this "
+                        "many concurrent clients, e.g. 1,2,4,8 (bench/concurrency.py)")
+    p.add_argument("--batching", choices=["both", "on", "off"], default="both",
+                   help="with --concurrency: measure with fusion.batching on, off, or both over the same "
+                        "loaded models (default: both)")
     p.add_argument("--ray", action="store_true",
                    help="also run (c) with backend: ray on a local Ray cluster and print the Ray "
                         "overhead per step against local (needs pip install .[ray])")
@@ -278,6 +284,22 @@ def run(args) -> int:
     t_load = time.perf_counter()
     engine = build_engine(args)
     load_s = time.perf_counter() - t_load
+    if args.concurrency:
+        from bench import concurrency
+
+        from fusion.config import load_config
+
+        levels = sorted({int(x) for x in args.concurrency.split(",")})
+        cfg = load_config(args.config)
+        res = {"load_seconds": load_s}
+        for mode in (["off", "on"] if args.batching == "both" else [args.batching]):
+            eng = concurrency.with_runner(engine, cfg, batching=mode == "on")
+            res[f"batching_{mode}"] = concurrency.measure(eng, levels, args.max_tokens)
+            eng.close()
+            print(f"\nfusion.batching: {mode}")
+            concurrency.print_table(res[f"batching_{mode}"])
+        _write_json(args.json_path, res)
+        return 0
     prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
     res = measure(engine, prompts, args.max_tokens, skip_hf=args.skip_hf, growth_steps=args.growth_steps,
                   growth_repeats=args.growth_repeats)
@@ -285,11 +307,15 @@ def run(args) -> int:
     if args.ray and not (args.shapes or args.random_weights):
         res["ray"] = _ray_overhead(args, prompts, args.max_tokens, res["cool_fusion"])
     _print(res, engine.source_names)
-    if args.json_path:
-        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_path).write_text(json.dumps(res, indent=2))
-        print(f"\nwrote {args.json_path}")
+    _write_json(args.json_path, res)
     return 0
+
+
+def _write_json(path: str | None, res: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(res, indent=2))
+        print(f"\nwrote {path}")
 
 
 def _print(res, names) -> None:

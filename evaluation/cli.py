@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .report import build_report, to_markdown, write_report
-from .runner import check_settings, load_results, run_task
+from .runner import check_settings, load_results, models_in_column_order, run_task
 from .tasks import MODES, TASK_NAMES, TaskError, load_task
 
 
@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
     records = load_results(results)
     check_settings(records, task, results)  # before a --config server spends minutes loading
     if args.report_only:
-        models = args.models or list(dict.fromkeys(r["model"] for r in records))
+        models = args.models or models_in_column_order(records)
         if not models:
             raise TaskError(f"{results} holds no results")
     else:

@@ -12,7 +12,7 @@ One results line:
     {"task": "gsm8k", "settings": "<fingerprint of the task settings>", "model": "cool-fusion",
      "item_id": "gsm8k/3", "output": "...", "target": "18", "scores": {"accuracy": 1.0},
      "ppl": 1.37, "ppl_steps": 41, "steps": 52, "wins": {"smollm2-135m": 30, "gemma3-270m": 22},
-     "finish_reason": "stop", "usage": {...}, "latency_s": 12.3}
+     "finish_reason": "stop", "usage": {...}, "latency_s": 12.3, "column": 0}
 
 Perplexity of an answer as judged by the source models (paper Table 3, first row)
 ------------------------------------------------------------------------------
@@ -246,6 +246,17 @@ def evaluate_one(client: Any, task: Task, item: Item, model: str, *, trace: bool
     return rec
 
 
+def models_in_column_order(records: list[dict]) -> list[str]:
+    """The model ids of a results file in the order of the run's --models (`column`), then
+    in order of appearance (files written before the column was recorded)."""
+    first: dict[str, tuple[float, int]] = {}
+    for i, r in enumerate(records):
+        key = (r.get("column", float("inf")), i)
+        if r["model"] not in first or key < first[r["model"]]:
+            first[r["model"]] = key
+    return sorted(first, key=first.get)
+
+
 @dataclass
 class RunSummary:
     total: int  # (model, item) pairs asked for
@@ -296,7 +307,9 @@ def run_task(task: Task, items: list[Item], models: list[str], client: Any,
             for fut in finished:
                 m, it = running.pop(fut)
                 try:
-                    out.write(fut.result())
+                    # the column keeps --models' order for a later --report-only (answers land
+                    # in the file in completion order)
+                    out.write({**fut.result(), "column": models.index(m)})
                     summary.done += 1
                 except Exception as err:  # noqa: BLE001 - one failed request must not end the run
                     summary.failed += 1

@@ -66,6 +66,12 @@ class FusionConfig(BaseModel):
     # re-tokenization, threads): a slow reference that must give the same text.
     fast_paths: bool = True
     default_max_tokens: int = Field(default=256, gt=0)
+    # Batching (fusion/batched_runner.py): per model, the forwards of every running request in
+    # one forward over preallocated KV slots. False: one forward at a time, a cache per request.
+    batching: bool = False
+    kv_slots: int = Field(default=8, gt=0)  # requests' KV rooms per model (a request uses 1, 2 with judge/rerank)
+    kv_max_tokens: int = Field(default=4096, gt=0)  # tokens per slot; caps every model's context
+    max_batch_tokens: int = Field(default=2048, gt=0)  # new tokens in one batched forward, at most
 
 
 class ServerConfig(BaseModel):

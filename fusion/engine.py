@@ -82,7 +82,8 @@ class Engine:
             from .ray_worker import ray_workers
 
             return cls(ray_workers(cfg, options, tokenizers), cfg.fusion, templates)
-        workers = [LocalWorker.from_loaded(load(m, tokenizer=t), options) for m, t in zip(cfg.models, tokenizers)]
+        workers = [LocalWorker.from_loaded(load(m, tokenizer=t), options, cfg.fusion)
+                   for m, t in zip(cfg.models, tokenizers)]
         return cls(workers, cfg.fusion, templates)
 
     @classmethod
@@ -92,7 +93,7 @@ class Engine:
         from .local_worker import local_workers
 
         fusion = fusion or FusionConfig()
-        return cls(local_workers(models, fast=fusion.fast_paths), fusion, templates)
+        return cls(local_workers(models, fusion), fusion, templates)
 
     def model_ids(self) -> list[str]:
         return list(VARIANTS) + self.source_names
@@ -100,6 +101,11 @@ class Engine:
     @property
     def default_max_tokens(self) -> int:
         return self.fusion.default_max_tokens
+
+    def kv_report(self) -> dict[str, dict[str, int]]:
+        """Per source model whose runner holds KV slots (`fusion.batching`): slots, slots in
+        use, tokens per slot, bytes preallocated."""
+        return {w.name: w.runner.kv_report() for w in self.workers if hasattr(getattr(w, "runner", None), "kv_report")}
 
     @property
     def active_requests(self) -> int:

@@ -24,9 +24,8 @@ import torch
 
 from typing import Sequence
 
-from . import kvcache
 from .loading import LoadedModel
-from .model_runner import ModelRunner
+from .model_runner import make_runner
 from .tokenizer_side import TokenizerSide, end_tokens
 from .words import REPLACEMENT, WordStarts, first_boundary
 from .worker_protocol import Proposal, Sampling, WorkerOptions
@@ -47,7 +46,7 @@ class State:
     """One request's view of one model."""
 
     prompt_ids: list[int]
-    cache: object  # kvcache.new_cache(): a DynamicCache growing in place
+    cache: object  # the runner's KV storage of this request (`runner.open_cache()`)
     generator: torch.Generator | None
     temperature: float = 0.0
     top_p: float = 1.0
@@ -78,21 +77,23 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class LocalWorker:
     """One loaded model serving many requests; every method takes the request's `State`."""
 
-    def __init__(self, name: str, runner: ModelRunner, text: TokenizerSide, options: WorkerOptions, *,
+    def __init__(self, name: str, runner, text: TokenizerSide, options: WorkerOptions, *,
                  context_limit: int | None = None):
         self.name = name
         self.runner = runner
         self.text = text
         self.options = options
-        self.context_limit = context_limit or runner.max_positions
+        limits = [x for x in (context_limit, runner.max_positions) if x]
+        self.context_limit = min(limits) if limits else None  # the runner may hold fewer (a KV slot)
         self.device = runner.device
         self._splitters = tuple(options.all_words) or (text.words,)  # every model's word rule
 
     @classmethod
-    def from_loaded(cls, m: LoadedModel, options: WorkerOptions) -> "LocalWorker":
+    def from_loaded(cls, m: LoadedModel, options: WorkerOptions, fusion=None) -> "LocalWorker":
         """A worker over a loaded model, with its end tokens: the EOS ids of the tokenizer
-        and generation config, plus configured `stop_tokens` (e.g. Gemma's <end_of_turn>)."""
-        runner = ModelRunner(m.model, m.device)
+        and generation config, plus configured `stop_tokens` (e.g. Gemma's <end_of_turn>).
+        `fusion` (a FusionConfig) chooses the runner (`fusion.batching`)."""
+        runner = make_runner(m.model, m.device, fusion, m.name)
         ends, chat_ends = end_tokens(m.name, m.tokenizer, runner.generation_config, m.stop_tokens)
         return cls(m.name, runner, TokenizerSide(m.name, m.tokenizer, ends, chat_ends), options,
                    context_limit=m.context_limit)
@@ -117,7 +118,8 @@ class LocalWorker:
         return self.text.tok_seconds
 
     def shutdown(self) -> None:
-        """Nothing to release: the model lives as long as this process."""
+        """Stop the runner's thread, if it has one (the model lives as long as this process)."""
+        self.runner.shutdown()
 
     def seq_len(self, st: State) -> int:
         return len(st.ids)
@@ -132,7 +134,7 @@ class LocalWorker:
             return
         if st.kv_len >= upto:  # logits unknown: re-feed the last token
             st.kv_len = upto - 1
-        kvcache.crop(st.cache, st.kv_len)
+        self.runner.crop(st.cache, st.kv_len)
         logits = self.runner.forward(st.cache, st.ids[st.kv_len : upto], last_only=True)
         st.kv_len = upto
         st.logits = logits[-1] if upto == len(st.ids) else None
@@ -145,12 +147,14 @@ class LocalWorker:
             gen = torch.Generator(device="cpu")
             gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
         return State(
-            prompt_ids=list(prompt_ids), cache=self.runner.new_cache(), generator=gen,
+            prompt_ids=list(prompt_ids), cache=self.runner.open_cache(), generator=gen,
             temperature=sampling.temperature, top_p=sampling.top_p, ids=list(prompt_ids),
         )
 
     def close(self, st: State) -> None:
         st.closed = True
+        if st.cache is not None:
+            self.runner.close_cache(st.cache)
         st.cache = None
         st.logits = None
         st.blocks.clear()
@@ -173,44 +177,43 @@ class LocalWorker:
         source model's tokenizer (`align`; else this model's own: the Cool-align ablation),
         the model ends its turn, or `max_tokens` tokens were decoded."""
         splitters = self._splitters if align else (self.text.words,)
-        with self.runner.lock:
-            base = st.committed_len
-            if not self.fast:  # no lookahead: decode again from the committed state
-                del st.ids[base:]
-                st.la_logprobs = []
-                st.kv_len = min(st.kv_len, base)
-                st.logits = None
-            toks = st.ids[base:]  # lookahead from the last step
-            logps = list(st.la_logprobs)
-            ends: list[int | None] = []  # char length of decode(toks[:i+1]) when complete
-            for i in range(len(toks)):
-                t = self.text.decode(toks[: i + 1])
-                ends.append(None if t.endswith(REPLACEMENT) else len(t))
+        base = st.committed_len
+        if not self.fast:  # no lookahead: decode again from the committed state
+            del st.ids[base:]
+            st.la_logprobs = []
+            st.kv_len = min(st.kv_len, base)
+            st.logits = None
+        toks = st.ids[base:]  # lookahead from the last step
+        logps = list(st.la_logprobs)
+        ends: list[int | None] = []  # char length of decode(toks[:i+1]) when complete
+        for i in range(len(toks)):
+            t = self.text.decode(toks[: i + 1])
+            ends.append(None if t.endswith(REPLACEMENT) else len(t))
+        prop = self._cut(toks, logps, ends, splitters)
+        while prop is None:
+            self._sync(st)
+            tok, lp = self._sample(st, st.logits)
+            if tok in self.text.end_ids:
+                text = self.text.decode(toks)
+                whole = not text.endswith(REPLACEMENT)
+                prop = Proposal(_complete(text), True, len(toks) if whole else None, logps)
+                break
+            toks.append(tok)
+            logps.append(lp)
+            st.ids.append(tok)
+            t = self.text.decode(toks)
+            ends.append(None if t.endswith(REPLACEMENT) else len(t))
             prop = self._cut(toks, logps, ends, splitters)
-            while prop is None:
-                self._sync(st)
-                tok, lp = self._sample(st, st.logits)
-                if tok in self.text.end_ids:
-                    text = self.text.decode(toks)
-                    whole = not text.endswith(REPLACEMENT)
-                    prop = Proposal(_complete(text), True, len(toks) if whole else None, logps)
-                    break
-                toks.append(tok)
-                logps.append(lp)
-                st.ids.append(tok)
-                t = self.text.decode(toks)
-                ends.append(None if t.endswith(REPLACEMENT) else len(t))
-                prop = self._cut(toks, logps, ends, splitters)
-                if prop is None and len(toks) >= max_tokens:
-                    n = max((i + 1 for i, e in enumerate(ends) if e is not None), default=0)
-                    if n:  # never an empty candidate: go on until a character is complete
-                        prop = Proposal(self.text.decode(toks[:n]), False, n, logps[:n], True, _starts(ends[:n]))
-                    elif len(toks) >= max_tokens + 3:  # a character has at most 4 bytes: these never
-                        # complete one (not UTF-8), so cut anyway; decode() made them U+FFFD
-                        prop = Proposal(self.text.decode(toks), False, len(toks), logps, True, _starts(ends))
-            st.la_logprobs = logps
-            st.proposal = prop
-            return prop
+            if prop is None and len(toks) >= max_tokens:
+                n = max((i + 1 for i, e in enumerate(ends) if e is not None), default=0)
+                if n:  # never an empty candidate: go on until a character is complete
+                    prop = Proposal(self.text.decode(toks[:n]), False, n, logps[:n], True, _starts(ends[:n]))
+                elif len(toks) >= max_tokens + 3:  # a character has at most 4 bytes: these never
+                    # complete one (not UTF-8), so cut anyway; decode() made them U+FFFD
+                    prop = Proposal(self.text.decode(toks), False, len(toks), logps, True, _starts(ends))
+        st.la_logprobs = logps
+        st.proposal = prop
+        return prop
 
     def _cut(self, toks, logps, ends, splitters) -> Proposal | None:
         if not toks or ends[-1] is None:
@@ -237,32 +240,31 @@ class LocalWorker:
         """PPL of each candidate in context: exp(mean NLL) of the candidate's new tokens
         (`nll_sum`: exp of the sum). One forward pass for all candidates that need one."""
         end_id = self.text.primary_end if end_id is None else end_id
-        with self.runner.lock:
-            base = st.committed_len
-            # blocks attend to the committed prefix only: an unfed lookahead token can wait
-            self._sync(st, upto=base)
-            nlls: list[list[float] | None] = []
-            todo = []  # (index, target, p)
-            for i, (text, eos) in enumerate(candidates):
-                target, p = self._candidate_ids(st, text, eos, end_id)
-                own = st.proposal
-                if (self.fast and own is not None and own.text == text and own.eos == eos and own.n_tokens is not None
-                        and p == base and target[base:] == st.ids[base : base + own.n_tokens]):
-                    if not eos:  # an end token's log-prob needs the state after the text: a block
-                        nlls.append([-x for x in own.logprobs])
-                        continue
-                nlls.append(None)
-                todo.append((i, target, p))
-            if todo:
-                self._score_blocks(st, todo, nlls, candidates)
-            out = []
-            for v in nlls:
-                if not v:  # nothing new to score (an empty candidate): never preferred
-                    out.append(float("inf"))
+        base = st.committed_len
+        # blocks attend to the committed prefix only: an unfed lookahead token can wait
+        self._sync(st, upto=base)
+        nlls: list[list[float] | None] = []
+        todo = []  # (index, target, p)
+        for i, (text, eos) in enumerate(candidates):
+            target, p = self._candidate_ids(st, text, eos, end_id)
+            own = st.proposal
+            if (self.fast and own is not None and own.text == text and own.eos == eos and own.n_tokens is not None
+                    and p == base and target[base:] == st.ids[base : base + own.n_tokens]):
+                if not eos:  # an end token's log-prob needs the state after the text: a block
+                    nlls.append([-x for x in own.logprobs])
                     continue
-                s = sum(v)
-                out.append(math.exp(s / len(v)) if mode == "mean_nll" else math.exp(min(s, 700.0)))
-            return out
+            nlls.append(None)
+            todo.append((i, target, p))
+        if todo:
+            self._score_blocks(st, todo, nlls, candidates)
+        out = []
+        for v in nlls:
+            if not v:  # nothing new to score (an empty candidate): never preferred
+                out.append(float("inf"))
+                continue
+            s = sum(v)
+            out.append(math.exp(s / len(v)) if mode == "mean_nll" else math.exp(min(s, 700.0)))
+        return out
 
     def _score_blocks(self, st: State, todo, nlls, candidates) -> None:
         kv = st.kv_len
@@ -284,47 +286,46 @@ class LocalWorker:
 
     def commit(self, st: State, text: str, eos: bool = False) -> None:
         """Append the selected `text` to G, reusing every KV entry already computed."""
-        with self.runner.lock:
-            own = st.proposal
-            if own is not None and own.text == text and not own.eos and not eos and own.n_tokens:
-                # own proposal won: keep the tokens it generated (so a model fused with itself
-                # decodes exactly as alone) and the lookahead beyond them
-                base, n = st.committed_len, own.n_tokens
-                kvcache.crop(st.cache, st.kv_len)
-                st.la_logprobs = st.la_logprobs[n:]
-                st.g_starts = st.g_starts + [len(st.g_text) + s for s in own.starts]
-                st.g_ids = st.g_ids + st.ids[base : base + n]
-                st.g_text += text
-                st.proposal = None
-                st.blocks.clear()
-                if not self.fast:
-                    kvcache.crop(st.cache, 0)
-                    st.kv_len, st.logits = 0, None
-                return
-            keep, tail, tail_starts = self._retokenize(st, text)
-            new_g = st.g_ids[:keep] + tail
-            target = st.prompt_ids + new_g
-            block = None if eos else st.blocks.get((text, eos))
-            if st.ids[: len(target)] == target:  # the lookahead already holds these tokens
-                kvcache.crop(st.cache, st.kv_len)
-                st.la_logprobs = st.la_logprobs[len(target) - st.committed_len :]
-            elif block is not None:  # move the winner's scored block into place
-                n = len(block.tokens) - 1
-                kvcache.move(st.cache, block.slot + 1, block.start, n)
-                kvcache.crop(st.cache, block.start + n)
-                st.ids, st.kv_len, st.logits, st.la_logprobs = list(target), len(target), block.last_logits, []
-            else:  # keep the common prefix; the rest is fed lazily by the next propose/score
-                common = common_prefix(st.ids[: st.kv_len], target)
-                kvcache.crop(st.cache, common)
-                st.ids, st.kv_len, st.logits, st.la_logprobs = list(target), common, None, []
+        own = st.proposal
+        if own is not None and own.text == text and not own.eos and not eos and own.n_tokens:
+            # own proposal won: keep the tokens it generated (so a model fused with itself
+            # decodes exactly as alone) and the lookahead beyond them
+            base, n = st.committed_len, own.n_tokens
+            self.runner.crop(st.cache, st.kv_len)
+            st.la_logprobs = st.la_logprobs[n:]
+            st.g_starts = st.g_starts + [len(st.g_text) + s for s in own.starts]
+            st.g_ids = st.g_ids + st.ids[base : base + n]
             st.g_text += text
-            st.g_starts = st.g_starts[:keep] + tail_starts
-            st.g_ids = new_g
             st.proposal = None
             st.blocks.clear()
-            if not self.fast:  # no KV reuse: the next call re-prefills everything
-                kvcache.crop(st.cache, 0)
+            if not self.fast:
+                self.runner.crop(st.cache, 0)
                 st.kv_len, st.logits = 0, None
+            return
+        keep, tail, tail_starts = self._retokenize(st, text)
+        new_g = st.g_ids[:keep] + tail
+        target = st.prompt_ids + new_g
+        block = None if eos else st.blocks.get((text, eos))
+        if st.ids[: len(target)] == target:  # the lookahead already holds these tokens
+            self.runner.crop(st.cache, st.kv_len)
+            st.la_logprobs = st.la_logprobs[len(target) - st.committed_len :]
+        elif block is not None:  # move the winner's scored block into place
+            n = len(block.tokens) - 1
+            self.runner.move(st.cache, block.slot + 1, block.start, n)
+            self.runner.crop(st.cache, block.start + n)
+            st.ids, st.kv_len, st.logits, st.la_logprobs = list(target), len(target), block.last_logits, []
+        else:  # keep the common prefix; the rest is fed lazily by the next propose/score
+            common = common_prefix(st.ids[: st.kv_len], target)
+            self.runner.crop(st.cache, common)
+            st.ids, st.kv_len, st.logits, st.la_logprobs = list(target), common, None, []
+        st.g_text += text
+        st.g_starts = st.g_starts[:keep] + tail_starts
+        st.g_ids = new_g
+        st.proposal = None
+        st.blocks.clear()
+        if not self.fast:  # no KV reuse: the next call re-prefills everything
+            self.runner.crop(st.cache, 0)
+            st.kv_len, st.logits = 0, None
 
     def fresh_logits(self, st: State) -> torch.Tensor:
         """Next-token logits from a fresh prefill of `ids` without any cache (for tests)."""
@@ -334,15 +335,16 @@ class LocalWorker:
         return self.text.retokenize_tail(st.g_text, st.g_ids, st.g_starts, text, fast=self.fast)
 
     def cached_logits(self, st: State) -> torch.Tensor:
-        with self.runner.lock:
-            self._sync(st)
-            return st.logits
+        self._sync(st)
+        return st.logits
 
 
-def local_workers(models: Sequence[LoadedModel], *, fast: bool = True) -> list[LocalWorker]:
-    """One worker per loaded model, each knowing every model's word rule (paper Table 1)."""
+def local_workers(models: Sequence[LoadedModel], fusion=None) -> list[LocalWorker]:
+    """One worker per loaded model, each knowing every model's word rule (paper Table 1);
+    `fusion` (a FusionConfig, default the config's defaults) sets the fast paths and runner."""
+    fast = True if fusion is None else fusion.fast_paths
     options = WorkerOptions(tuple(WordStarts(m.tokenizer) for m in models), fast)
-    return [LocalWorker.from_loaded(m, options) for m in models]
+    return [LocalWorker.from_loaded(m, options, fusion) for m in models]
 
 
 def _starts(ends: list[int | None]) -> list[int]:

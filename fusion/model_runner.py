@@ -1,12 +1,16 @@
 """The forward passes of one loaded model over per-request KV caches.
 
-`ModelRunner` owns the model and runs every forward a worker needs: feed tokens after a
-request's cache (decode, prefill, or candidate blocks side by side, each at its own
-positions and seeing only the committed prefix and itself), and a full forward without
-cache (the tests' reference). It is the one place that knows how to call a transformers
-model and how to lay out its attention mask; the worker (`fusion.local_worker`) decides what
-to feed, in terms of tokens, positions and blocks only. One forward at a time: `lock`, held
-by a worker across a phase.
+A runner owns one model and the KV storage of the requests it serves, and runs every
+forward a worker needs: feed tokens after a request's cache (decode, prefill, or candidate
+blocks side by side, each at its own positions and seeing only the committed prefix and
+itself), and a full forward without cache (the tests' reference). It is the one place that
+knows how to call a transformers model and how to lay out its attention mask; the worker
+(`fusion.local_worker`) decides what to feed, in terms of tokens, positions and blocks only,
+and edits a request's cache only through `crop` and `move`.
+
+Two runners share this interface: `ModelRunner` here (a transformers cache per request, one
+forward at a time) and `fusion.batched_runner.BatchedRunner` (preallocated slots, the
+forwards of all requests batched into one).
 """
 
 from __future__ import annotations
@@ -19,11 +23,21 @@ import torch
 from . import kvcache
 
 
+def make_runner(model, device: torch.device, fusion=None, name: str = "model"):
+    """The runner `fusion` (a FusionConfig) asks for: batched over KV slots, or this one."""
+    if fusion is not None and fusion.batching:
+        from .batched_runner import BatchedRunner
+
+        return BatchedRunner(model, device, slots=fusion.kv_slots, max_len=fusion.kv_max_tokens,
+                             max_batch_tokens=fusion.max_batch_tokens, name=name)
+    return ModelRunner(model, device)
+
+
 class ModelRunner:
     def __init__(self, model, device: torch.device):
         self.model = model
         self.device = device
-        self.lock = threading.RLock()  # one forward at a time on this model
+        self.lock = threading.Lock()  # one forward at a time on this model
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None)
         self._layer_types = tuple(getattr(cfg, "layer_types", None) or ())
@@ -37,8 +51,27 @@ class ModelRunner:
     def generation_config(self):
         return getattr(self.model, "generation_config", None)
 
-    def new_cache(self):
+    # ---- per-request KV storage ----------------------------------------------------------
+
+    def open_cache(self):
+        """KV storage for one new request."""
         return kvcache.new_cache()
+
+    def close_cache(self, cache) -> None:
+        """The request is done; its storage is garbage once the caller drops it."""
+
+    def cache_len(self, cache) -> int:
+        return cache.get_seq_length()
+
+    def crop(self, cache, n: int) -> None:
+        """Keep the first `n` cached tokens."""
+        kvcache.crop(cache, n)
+
+    def move(self, cache, src: int, dst: int, n: int) -> None:
+        """Copy cached tokens [src, src+n) to [dst, dst+n) (a scored block moved into place)."""
+        kvcache.move(cache, src, dst, n)
+
+    # ---- forwards --------------------------------------------------------------------------
 
     def forward(self, cache, tokens: list[int], *, blocks=None, last_only=False) -> torch.Tensor:
         """Feed `tokens` after the cache's current contents; returns logits (T, V), or (1, V)
@@ -60,10 +93,13 @@ class ModelRunner:
         if last_only:
             kwargs["logits_to_keep"] = 1
         kwargs[self.cache_kw] = cache
-        with torch.inference_mode():
+        with self.lock, torch.inference_mode():
             out = self.model(input_ids=inp, use_cache=True, **kwargs)
-        self.forward_tokens += len(tokens)
+            self.forward_tokens += len(tokens)
         return out.logits[0].float()  # (T, V)
+
+    def shutdown(self) -> None:
+        """Nothing to stop: forwards run on the caller's thread."""
 
     def fresh_logits(self, ids: list[int]) -> torch.Tensor:
         """Next-token logits after `ids` from a full forward without any cache."""

@@ -52,14 +52,14 @@ class Reply:
 class ModelActor:
     """Runs in a Ray worker process: one source model and its requests' states."""
 
-    def __init__(self, m: ModelConfig, options: WorkerOptions):
+    def __init__(self, m: ModelConfig, options: WorkerOptions, fusion):
         from .loading import load, resolve_device
         from .local_worker import LocalWorker
 
         self.name = m.name
         # "auto": the GPU Ray gave this actor (num_gpus), else the CPU, never an unrequested GPU
         device = resolve_device("cpu" if m.device == "auto" and not ray.get_gpu_ids() else m.device)
-        self.worker = LocalWorker.from_loaded(load(m, device=device), options)
+        self.worker = LocalWorker.from_loaded(load(m, device=device), options, fusion)
         self.states: dict[int, Any] = {}
 
     def __repr__(self) -> str:  # Ray prefixes the actor's log lines with this
@@ -119,10 +119,10 @@ class ModelActor:
         return {"forward_tokens": self.worker.forward_tokens, "tok_seconds": self.worker.tok_seconds}
 
 
-def start_actor(m: ModelConfig, options: WorkerOptions, rc):
+def start_actor(m: ModelConfig, options: WorkerOptions, fusion, rc):
     """Ask Ray for the model's actor; returns at once (the model loads in the background)."""
     res = rc.resources(m.name)
     return ray.remote(ModelActor).options(
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=rc.max_restarts,
         max_task_retries=0,  # a request's state lives in the actor: never replay a call
-    ).remote(m, options)
+    ).remote(m, options, fusion)

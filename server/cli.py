@@ -111,7 +111,7 @@ def run_serve(args: argparse.Namespace) -> int:
             log.info("loading models", extra={"fields": {"models": [m.name for m in cfg.models]}})
             holder["engine"] = engine = Engine.from_config(cfg)
             state.set_engine(engine)
-            log.info("engine ready", extra={"fields": {"models": engine.model_ids()}})
+            log.info("engine ready", extra={"fields": {"models": engine.model_ids(), "kv": engine.kv_report()}})
         except BaseException as err:  # keep serving /health = 503 with the reason
             log.error("engine failed to load: %s", err, exc_info=err)
             state.set_failed(err)

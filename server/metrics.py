@@ -42,6 +42,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.engine_ready = Gauge(p + "engine_ready", "1 when the engine is loaded and healthy", registry=r)
+        self.kv_slots = Gauge(p + "kv_slots", "KV slots of a source model (fusion.batching)", ["model"], registry=r)
+        self.kv_slots_in_use = Gauge(p + "kv_slots_in_use", "KV slots held by running requests", ["model"], registry=r)
+        self.kv_bytes = Gauge(p + "kv_bytes", "bytes preallocated for a model's KV slots", ["model"], registry=r)
 
     def on_admission(self, running: int, waiting: int) -> None:
         self.slots_in_use.set(running)
@@ -51,6 +54,13 @@ class Metrics:
         self.segments.labels(model).inc()
         self.wins.labels(model, step.winner).inc()
         self.step_seconds.labels(model).observe(seconds)
+
+    def on_kv(self, report: dict[str, dict[str, int]]) -> None:
+        """The engine's KV storage per model (`Engine.kv_report()`), read at each scrape."""
+        for model, kv in report.items():
+            self.kv_slots.labels(model).set(kv["slots"])
+            self.kv_slots_in_use.labels(model).set(kv["slots_in_use"])
+            self.kv_bytes.labels(model).set(kv["bytes"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

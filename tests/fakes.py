@@ -106,6 +106,21 @@ def scripted_worker(name: str, tokenizer, seq: list[int], splitters=None, *, fas
     return LocalWorker.from_loaded(LoadedModel(name, model, tokenizer, torch.device("cpu")), options)
 
 
+def scripted_engine(*scripts: str, prompt: str = "Say:", fast: bool = True, max_segment_tokens: int = 8):
+    """An Engine over scripted models m0, m1, ... on the byte tokenizer: model i writes
+    `scripts[i]` after `prompt`, and gives every other token the same low logit."""
+    from fusion.config import FusionConfig
+    from fusion.engine import Engine
+    from fusion.words import WordStarts
+
+    tok = byte_tokenizer()
+    ids = tok.backend_tokenizer.encode(prompt).ids
+    words = [WordStarts(tok)] * len(scripts)
+    workers = [scripted_worker(f"m{i}", tok, ids + tok.backend_tokenizer.encode(s).ids, words, fast=fast,
+                               check_feed=False) for i, s in enumerate(scripts)]
+    return Engine(workers, FusionConfig(max_segment_tokens=max_segment_tokens, fast_paths=fast, parallel=False))
+
+
 # ---- the fake engine -----------------------------------------------------------------------------
 
 

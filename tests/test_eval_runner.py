@@ -334,3 +334,11 @@ def test_report_writes_md_json_png_for_two_metrics(tmp_path, monkeypatch):
 def test_python_dash_m_evaluation_runs():
     r = subprocess.run([sys.executable, "-m", "evaluation", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--concurrency" in r.stdout and "--report-only" in r.stdout
+
+
+def test_report_only_orders_models_as_the_run_did_whatever_order_answers_landed_in():
+    from evaluation.runner import models_in_column_order
+
+    landed = [{"model": "wrong", "column": 1}, {"model": "oracle", "column": 0}, {"model": "wrong", "column": 1}]
+    assert models_in_column_order(landed) == ["oracle", "wrong"]
+    assert models_in_column_order([{"model": "b"}, {"model": "a"}]) == ["b", "a"]  # older files: as they appear

@@ -9,24 +9,14 @@ from __future__ import annotations
 import math
 
 import pytest
-from fakes import byte_tokenizer, scripted_worker
+from fakes import byte_tokenizer
+from fakes import scripted_engine as engine
 
 from fusion import loop
-from fusion.config import FusionConfig
-from fusion.engine import Engine
 from fusion.types import Candidate, GenerationRequest
-from fusion.words import WordStarts
 
 TOK = byte_tokenizer()
 PROMPT = "Say:"
-
-
-def engine(*scripts: str, fast: bool = True, max_segment_tokens: int = 8) -> Engine:
-    prompt = TOK.backend_tokenizer.encode(PROMPT).ids
-    words = [WordStarts(TOK)] * len(scripts)
-    workers = [scripted_worker(f"m{i}", TOK, prompt + TOK.backend_tokenizer.encode(s).ids, words, fast=fast,
-                               check_feed=False) for i, s in enumerate(scripts)]
-    return Engine(workers, FusionConfig(max_segment_tokens=max_segment_tokens, fast_paths=fast, parallel=False))
 
 
 def test_select_is_the_argmin_of_mean_ppl_and_ties_go_to_the_first_candidate():

@@ -1,0 +1,75 @@
+"""`fusion.batching: true` on the real pair: the forwards of concurrent requests batched per
+model over KV slots (fusion/batched_runner.py) give every request the text it gets alone.
+
+The pinned greedy outputs (tests/data/pinned_outputs.json, recorded with one forward per
+request) are run all at once, several copies each, through one engine whose runners batch;
+every output must equal its pin byte for byte, the runners must really have batched
+(forwards with more than one request), and every KV slot must be free afterwards."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from pinned_requests import REQUESTS
+from test_pinned_outputs import PINNED, _request
+
+from fusion.config import FusionConfig
+from fusion.engine import Engine
+from fusion.errors import Overloaded
+from fusion.loading import LoadedModel
+from fusion.types import GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def batched(engine, config):
+    """An engine over the session's loaded models (config's stop tokens), batching, 16 slots per model."""
+    models = [LoadedModel(m.name, w.runner.model, w.text.tokenizer, w.device, tuple(m.stop_tokens), m.context_limit)
+              for m, w in zip(config.models, engine.workers)]
+    eng = Engine.from_models(models, FusionConfig(batching=True, kv_slots=16, kv_max_tokens=2048),
+                             dict(engine.templates))
+    yield eng
+    eng.close()
+
+
+def test_concurrent_requests_get_their_pinned_outputs_and_really_batch(engine, batched):
+    jobs = [i for i in range(len(REQUESTS)) for _ in range(2)]
+    with ThreadPoolExecutor(len(jobs)) as ex:
+        outs = list(ex.map(lambda i: list(batched.generate(_request(REQUESTS[i]))), jobs))
+    for i, steps in zip(jobs, outs):
+        pinned = PINNED[i]
+        assert "".join(s.text for s in steps).encode() == pinned["text"].encode(), REQUESTS[i]
+        assert [s.winner for s in steps] == pinned["winners"]
+        assert steps[-1].finish_reason == pinned["finish_reason"]
+    sizes = [n for w in batched.workers for n in w.runner.batch_sizes]
+    assert max(sizes) > 1, "the runners never batched two requests"
+    assert all(w.runner.kv_report()["slots_in_use"] == 0 for w in batched.workers)
+
+
+def test_cancelled_and_closed_requests_free_their_slots(batched):
+    cancel = threading.Event()
+    gen = batched.generate(GenerationRequest(prompt="Tell me a story:", max_tokens=200), cancel)
+    next(gen)
+    assert all(w.runner.kv_report()["slots_in_use"] == 1 for w in batched.workers)
+    gen.close()
+    assert all(w.runner.kv_report()["slots_in_use"] == 0 for w in batched.workers)
+
+
+def test_no_free_slot_waits_then_refuses_with_429(batched):
+    w = batched.workers[0]
+    runner = w.runner
+    held = [runner.open_cache() for _ in range(runner.storage.slots)]
+    runner.wait_s, saved = 0.2, runner.wait_s
+    try:
+        with pytest.raises(Overloaded) as err:
+            runner.open_cache()
+        assert err.value.status == 429 and "kv_slots" in err.value.message
+        threading.Timer(0.05, runner.close_cache, (held.pop(),)).start()
+        runner.wait_s = 5
+        held.append(runner.open_cache())  # a slot freed while waiting is taken
+    finally:
+        runner.wait_s = saved
+        for s in held:
+            runner.close_cache(s)
+    assert runner.kv_report()["slots_in_use"] == 0
