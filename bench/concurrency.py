@@ -81,14 +81,15 @@ def measure(engine, levels: list[int], max_tokens: int, models: list[str] | None
     return res
 
 
-def with_runner(engine, cfg, *, batching: bool):
-    """An engine over the same loaded models with `fusion.batching` set (no second load)."""
+def with_runner(engine, *, batching: bool, stop_tokens: dict[str, tuple[str, ...]] | None = None):
+    """An engine over the same loaded models with `fusion.batching` set (no second load);
+    `stop_tokens` per model name as in the config (the workers keep only their ids)."""
     from fusion.engine import Engine
     from fusion.loading import LoadedModel
 
-    fusion = cfg.fusion.model_copy(update={"batching": batching})
-    models = [LoadedModel(m.name, w.runner.model, w.text.tokenizer, w.device, tuple(m.stop_tokens), m.context_limit)
-              for m, w in zip(cfg.models, engine.workers)]
+    fusion = engine.fusion.model_copy(update={"batching": batching})
+    models = [LoadedModel(w.name, w.runner.model, w.text.tokenizer, w.device, (stop_tokens or {}).get(w.name, ()),
+                          w.context_limit) for w in engine.workers]
     return Engine.from_models(models, fusion, dict(engine.templates))
 
 

@@ -304,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="cool-fusion", help="model id (default: %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("COOLFUSION_API_KEY"), help="Bearer key (default: env COOLFUSION_API_KEY)")
     p.add_argument("--max-concurrent", type=int, default=4, help="in-process server: generation slots (default: %(default)s)")
+    p.add_argument("--batching", choices=["config", "on", "off"], default="config",
+                   help="in-process server: fusion.batching as in the config, or forced on/off (default: %(default)s)")
     p.add_argument("--max-queue", type=int, help="in-process server: queue places (default: the number of clients)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="server and client time limit per request (default: %(default)s)")
     p.add_argument("--max-retries", type=int, default=5, help="retries of a 429, after its Retry-After (default: %(default)s)")
@@ -322,8 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         from fusion.config import load_config
         from fusion.engine import Engine
 
+        cfg = load_config(args.config)
+        if args.batching != "config":
+            cfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"batching": args.batching == "on"})})
         t = time.perf_counter()
-        engine = Engine.from_config(load_config(args.config))
+        engine = Engine.from_config(cfg)
         print(f"engine loaded in {time.perf_counter() - t:.1f} s", flush=True)
         report = serve_and_load(engine, plan, max_concurrent=args.max_concurrent, max_queue=args.max_queue,
                                 request_timeout_s=args.request_timeout, api_key=args.api_key, **common)

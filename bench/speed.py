@@ -290,10 +290,10 @@ def run(args) -> int:
         from fusion.config import load_config
 
         levels = sorted({int(x) for x in args.concurrency.split(",")})
-        cfg = load_config(args.config)
+        stops = {} if args.shapes else {m.name: tuple(m.stop_tokens) for m in load_config(args.config).models}
         res = {"load_seconds": load_s}
         for mode in (["off", "on"] if args.batching == "both" else [args.batching]):
-            eng = concurrency.with_runner(engine, cfg, batching=mode == "on")
+            eng = concurrency.with_runner(engine, batching=mode == "on", stop_tokens=stops)
             res[f"batching_{mode}"] = concurrency.measure(eng, levels, args.max_tokens)
             eng.close()
             print(f"\nfusion.batching: {mode}")

@@ -8,6 +8,9 @@ request has queued as ONE forward (fusion/batched_forward.py: the linear layers 
 attention per request on its own slot). The worker and the fusion loop do not change: a
 request thread calls `forward` and blocks until the batch it joined has run.
 
+A long prefill is fed in chunks of `PREFILL_CHUNK` tokens, one forward each, so it holds
+the other requests' decode steps back by one chunk's time at most, not by the whole prompt.
+
 KV room: `open_cache` waits up to `wait_s` for a free slot, then raises `Overloaded` (429);
 `close_cache` frees the slot at once. A request longer than a slot never starts: the slot
 length caps the worker's context limit, so `engine.check` refuses it with a 400.
@@ -25,6 +28,9 @@ from .batched_forward import Item
 from .errors import Overloaded
 from .runner import Runner
 from .slots import KVRoomError, SlotStorage
+
+
+PREFILL_CHUNK = 256  # tokens of a prefill per forward
 
 
 class BatchedRunner:
@@ -93,6 +99,11 @@ class BatchedRunner:
 
     def forward(self, slot: int, tokens: list[int], *, blocks=None, last_only=False) -> torch.Tensor:
         """As `ModelRunner.forward`, run in the next batched forward of this model."""
+        if blocks is None and last_only and len(tokens) > PREFILL_CHUNK:
+            for i in range(0, len(tokens) - PREFILL_CHUNK, PREFILL_CHUNK):  # all but the last chunk
+                self.forward(slot, tokens[i : i + PREFILL_CHUNK], last_only=True)
+            rest = len(tokens) - (len(tokens) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
+            return self.forward(slot, tokens[-rest:], last_only=True)
         if blocks is None:
             item = Item(slot, list(tokens), rows="last" if last_only else "all")
         else:

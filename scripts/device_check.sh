@@ -28,10 +28,13 @@ PY
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 COOLFUSION_TEST_TOKENIZERS=.tok/smol,.tok/gemma
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-    python3 -m pytest -q -p no:cacheprovider tests/unit tests/test_tiny_random.py tests/test_words.py 2>&1 | tee "$out/tests.log"
+    python3 -m pytest -q -p no:cacheprovider tests/unit tests/test_tiny_random.py tests/test_words.py \
+      tests/test_batched_forward.py tests/test_runner.py -k "not real" 2>&1 | tee "$out/tests.log"
     python3 -m bench.speed --shapes llama3-8b,phi3-mini,glm4-9b --tokenizers .tok/smol,.tok/gemma,.tok/smol \
       --prompts 2 --max-tokens 48 --growth-steps 10 --growth-repeats 2 \
       --json "$out/bench_paper_shapes.json" 2>&1 | tee "$out/bench.log"
+    python3 -m bench.speed --shapes llama3-8b,phi3-mini,glm4-9b --tokenizers .tok/smol,.tok/gemma,.tok/smol \
+      --concurrency 1,8 --max-tokens 32 --json "$out/bench_concurrency.json" 2>&1 | tee "$out/bench_concurrency.log"
     ;;
   *)
     echo "usage: bash scripts/device_check.sh stage|run" >&2

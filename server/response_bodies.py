@@ -296,6 +296,10 @@ def model_list(model_ids: list[str], created: int) -> dict[str, Any]:
                                                 for m in model_ids]))
 
 
+def health_body(status: str, error: str | None = None) -> dict[str, Any]:
+    return _wire(Health(status=status) if error is None else Health(status=status, error=error))
+
+
 def sse_event_schema(chunk: type[BaseModel]) -> dict[str, Any]:
     """The JSON schema of one server-sent event of a stream (as OpenAPI tools read an event:
     an object whose `data` is the payload): a JSON `chunk`, an in-band error, or `[DONE]`."""

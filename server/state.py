@@ -23,6 +23,7 @@ from .admission import Admission
 from .errors import ShuttingDown
 from .engine_thread import EngineThread
 from .metrics import Metrics
+from .response_bodies import health_body
 
 log = logging.getLogger("coolfusion.server")
 
@@ -53,15 +54,16 @@ class AppState:
         self.metrics.engine_ready.set(0)
 
     def health(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body): the body is a `response_bodies.Health`."""
         if self.shutting_down:
-            return 503, {"status": "shutting_down"}
+            return 503, health_body("shutting_down")
         if self.load_error is not None:
-            return 503, {"status": "error", "error": self.load_error}
+            return 503, health_body("error", self.load_error)
         if self.engine is None:
-            return 503, {"status": "loading"}
+            return 503, health_body("loading")
         if not _engine_healthy(self.engine):
-            return 503, {"status": "error", "error": "the engine reports itself unhealthy"}
-        return 200, {"status": "ok"}
+            return 503, health_body("error", "the engine reports itself unhealthy")
+        return 200, health_body("ok")
 
     def require_engine(self) -> Any:
         """The engine, or NotReady (503) while loading, broken or shutting down."""

@@ -95,7 +95,8 @@ def byte_token_ids(tokenizer) -> list[int]:
     return ids
 
 
-def scripted_worker(name: str, tokenizer, seq: list[int], splitters=None, *, fast: bool = True, **kw):
+def scripted_worker(name: str, tokenizer, seq: list[int], splitters=None, *, fast: bool = True,
+                    context_limit: int | None = None, **kw):
     """A real LocalWorker over a ScriptedModel that writes `seq` (prompt + continuation)."""
     from fusion.loading import LoadedModel
     from fusion.local_worker import LocalWorker
@@ -103,10 +104,12 @@ def scripted_worker(name: str, tokenizer, seq: list[int], splitters=None, *, fas
 
     model = ScriptedModel(seq, tokenizer.eos_token_id, len(tokenizer), **kw)
     options = WorkerOptions(tuple(splitters or ()), fast)
-    return LocalWorker.from_loaded(LoadedModel(name, model, tokenizer, torch.device("cpu")), options)
+    loaded = LoadedModel(name, model, tokenizer, torch.device("cpu"), context_limit=context_limit)
+    return LocalWorker.from_loaded(loaded, options)
 
 
-def scripted_engine(*scripts: str, prompt: str = "Say:", fast: bool = True, max_segment_tokens: int = 8):
+def scripted_engine(*scripts: str, prompt: str = "Say:", fast: bool = True, max_segment_tokens: int = 8,
+                    context_limit: int | None = None):
     """An Engine over scripted models m0, m1, ... on the byte tokenizer: model i writes
     `scripts[i]` after `prompt`, and gives every other token the same low logit."""
     from fusion.config import FusionConfig
@@ -117,7 +120,7 @@ def scripted_engine(*scripts: str, prompt: str = "Say:", fast: bool = True, max_
     ids = tok.backend_tokenizer.encode(prompt).ids
     words = [WordStarts(tok)] * len(scripts)
     workers = [scripted_worker(f"m{i}", tok, ids + tok.backend_tokenizer.encode(s).ids, words, fast=fast,
-                               check_feed=False) for i, s in enumerate(scripts)]
+                               check_feed=False, context_limit=context_limit) for i, s in enumerate(scripts)]
     return Engine(workers, FusionConfig(max_segment_tokens=max_segment_tokens, fast_paths=fast, parallel=False))
 
 

@@ -73,3 +73,16 @@ def test_no_free_slot_waits_then_refuses_with_429(batched):
         for s in held:
             runner.close_cache(s)
     assert runner.kv_report()["slots_in_use"] == 0
+
+
+def test_a_prefill_longer_than_a_chunk_is_fed_in_chunks_and_gives_the_same_text(engine, batched):
+    from fusion.batched_runner import PREFILL_CHUNK
+
+    prompt = "The quick brown fox jumps over the lazy dog. " * 60 + "Then the fox"
+    w = batched.workers[0]
+    assert len(w.text.encode(prompt, special=True)) > 2 * PREFILL_CHUNK
+    before = w.runner.forwards
+    req = GenerationRequest(prompt=prompt, model=w.name, max_tokens=12)
+    alone = "".join(s.text for s in engine.generate(req))
+    assert "".join(s.text for s in batched.generate(req)) == alone
+    assert w.runner.forwards - before >= 3 + 12  # at least three prefill chunks, then the decode steps

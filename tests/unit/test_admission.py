@@ -7,9 +7,11 @@ import asyncio
 
 import pytest
 
-from fusion.errors import Overloaded
-from server.admission import Admission
-from server.errors import QueueTimeout, ShuttingDown
+pytest.importorskip("fastapi")  # the server package; absent only on the bare GPU image of device_check.sh
+
+from fusion.errors import Overloaded  # noqa: E402
+from server.admission import Admission  # noqa: E402
+from server.errors import QueueTimeout, ShuttingDown  # noqa: E402
 
 
 def run(coro):

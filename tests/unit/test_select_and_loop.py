@@ -63,11 +63,11 @@ def test_a_proposal_ends_at_the_first_word_start_after_its_first_word():
 
 
 def test_the_run_reports_a_full_context_before_a_proposal_could_overflow_it():
-    eng = engine(" a b c d e f g h i j k l m n o p", max_segment_tokens=4)
-    w = eng.workers[0]
-    w.context_limit = len(TOK.backend_tokenizer.encode(PROMPT).ids) + 10
-    steps = list(eng.generate(GenerationRequest(prompt=PROMPT, model="m0", max_tokens=5)))
+    limit = len(TOK.backend_tokenizer.encode(PROMPT).ids) + 10
+    eng = engine(" a b c d e f g h i j k l m n o p", max_segment_tokens=4, context_limit=limit)
+    steps = list(eng.generate(GenerationRequest(prompt=PROMPT, model="m0", max_tokens=10)))  # fits the check
     assert steps[-1].finish_reason == "length"
+    assert steps[-1].completion_tokens < 10  # ended by the context, before max_tokens
 
 
 @pytest.mark.parametrize("fast", [True, False])

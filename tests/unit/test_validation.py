@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from fusion import limits
-from fusion.errors import ContextLengthExceeded, InvalidRequest
-from fusion.types import GenerationRequest, Message
-from fusion.validation import check_context, check_fields
-from server.schemas import ChatCompletionRequest, CompletionRequest
+pytest.importorskip("fastapi")  # the server package; absent only on the bare GPU image of device_check.sh
+
+from fusion import limits  # noqa: E402
+from fusion.errors import ContextLengthExceeded, InvalidRequest  # noqa: E402
+from fusion.types import GenerationRequest, Message  # noqa: E402
+from fusion.validation import check_context, check_fields  # noqa: E402
+from server.schemas import ChatCompletionRequest, CompletionRequest  # noqa: E402
 
 
 @pytest.mark.parametrize("req, param", [
