@@ -69,6 +69,8 @@ def add_arguments(p) -> None:
     p.add_argument("--concurrency", default=None, metavar="LIST",
                    help="instead of the single-request figures: aggregate chars/s and latency with this "
                         "many concurrent clients, e.g. 1,2,4,8 (bench/concurrency.py)")
+    p.add_argument("--model-ids", default=None, metavar="LIST",
+                   help="with --concurrency: the model ids to measure (default: cool-fusion and each source model)")
     p.add_argument("--batching", choices=["both", "on", "off"], default="both",
                    help="with --concurrency: measure with fusion.batching on, off, or both over the same "
                         "loaded models (default: both)")
@@ -294,7 +296,8 @@ def run(args) -> int:
         res = {"load_seconds": load_s}
         for mode in (["off", "on"] if args.batching == "both" else [args.batching]):
             eng = concurrency.with_runner(engine, batching=mode == "on", stop_tokens=stops)
-            res[f"batching_{mode}"] = concurrency.measure(eng, levels, args.max_tokens)
+            ids = args.model_ids.split(",") if args.model_ids else None
+            res[f"batching_{mode}"] = concurrency.measure(eng, levels, args.max_tokens, ids)
             eng.close()
             print(f"\nfusion.batching: {mode}")
             concurrency.print_table(res[f"batching_{mode}"])

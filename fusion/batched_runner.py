@@ -57,6 +57,11 @@ class BatchedRunner:
         return self._runner.forwards
 
     @property
+    def items(self) -> int:
+        """Requests' forwards run in them (items / forwards = the mean batch)."""
+        return self._runner.items
+
+    @property
     def batch_sizes(self) -> list[int]:
         """Requests per forward, most recent last (the last 1,000)."""
         return list(self._runner.batch_sizes)

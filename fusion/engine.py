@@ -58,7 +58,10 @@ class Engine:
         self.templates = templates or {w.name: getattr(w.text.tokenizer, "chat_template", None) for w in workers}
         self.source_names = [w.name for w in workers]
         self._by_name = {w.name: w for w in workers}
-        self._pool = ThreadPoolExecutor(max_workers=len(workers) * 2, thread_name_prefix="cf-worker") \
+        # one thread per worker call of every request that may run at once: a call blocks on its
+        # model (a lock, or its batch), so a smaller pool would cap how many requests batch
+        calls = len(workers) * 2 * (self.fusion.kv_slots if self.fusion.batching else 1)
+        self._pool = ThreadPoolExecutor(max_workers=calls, thread_name_prefix="cf-worker") \
             if self.fusion.parallel and self.fusion.fast_paths and len(workers) > 1 else None
         self._active = 0
         self._active_lock = threading.Lock()

@@ -10,7 +10,12 @@ Request threads stay plain sequential programs (propose, score, select, commit).
 `forward` call queues one item and waits on a future; the runner thread takes everything
 queued when the model is free (in arrival order, up to `max_batch_tokens` new tokens, at
 least one item; a second item for a slot already in the batch waits for the next forward)
-and runs it as ONE `batched_forward.forward`. A request joins at the next forward after it
+and runs it as ONE `batched_forward.forward`. Before taking, it waits for every request of
+the last batch that is still open to have queued its next item, at most `gather` x the
+recent forward time: those requests resubmit a moment apart (each does some tokenizer work
+between its forwards), and without the wait the first one back would run alone, splitting
+the batch. A request that sat out the last forward (busy on another model, scoring,
+committing) is not waited for, and a request alone never waits. A request joins at the next forward after it
 submits and leaves when it stops submitting.
 
 If a batched forward raises, its items are rerun one by one so that only the item at fault
@@ -21,6 +26,7 @@ only the caller's own row and are safe while no forward of that slot is pending.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 
@@ -35,15 +41,19 @@ class Runner:
     """Owns one model and its SlotStorage; runs queued items in batched forwards."""
 
     def __init__(self, model, storage: SlotStorage, *, max_batch_tokens: int = 2048, name: str = "runner",
-                 layout: str = "views", gqa: str = "enable", start: bool = True):
+                 layout: str = "views", gqa: str = "enable", start: bool = True, gather: float = 0.25):
         self.model, self.storage = model, storage
         self.max_batch_tokens = max_batch_tokens
+        self.gather = gather
+        self._forward_s = 0.0  # moving average of a forward's wall time
+        self._last: set[int] = set()  # slots of the last batch
         self.layout, self.gqa = layout, gqa
         self._queue: deque[tuple[Item, Future]] = deque()
         self._cv = threading.Condition()
         self._slot_lock = threading.Lock()  # alloc/free from any thread
         self._stop = False
         self.forwards = 0  # batched forwards run (for tests and metrics)
+        self.items = 0  # items run in them
         self.batch_sizes: list[int] = []  # items per forward, most recent last (bounded)
         batched_forward.install(model)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -124,13 +134,23 @@ class Runner:
                     self._cv.wait()
                 if self._stop and not self._queue:
                     return
+                deadline = time.monotonic() + self.gather * self._forward_s
+                expected = self._last & self.storage.used_slots
+                while not expected <= {it.slot for it, _ in self._queue} and not self._stop:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
                 batch = self._take()
+                self._last = {it.slot for it, _ in batch}
             batch = [(it, fut) for it, fut in batch if fut.set_running_or_notify_cancel()]
             if batch:
                 self._run(batch)
 
     def _run(self, batch) -> None:
         self.forwards += 1
+        self.items += len(batch)
+        t0 = time.perf_counter()
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
         try:
             outs = batched_forward.forward(self.model, self.storage, [it for it, _ in batch],
@@ -142,5 +162,6 @@ class Runner:
             for one in batch:
                 self._run([one])
             return
+        self._forward_s = 0.8 * self._forward_s + 0.2 * (time.perf_counter() - t0)
         for (_, fut), out in zip(batch, outs):
             fut.set_result(out)

@@ -167,18 +167,9 @@ def test_the_model_runs_as_before_without_a_plan(build):
 
 
 @pytest.fixture(scope="module")
-def real_pair():
-    from pathlib import Path
-
-    from fusion.config import load_config
-    from fusion.loading import load_model, load_tokenizer, resolve_source
-
-    cfg = load_config(Path(__file__).resolve().parent.parent / "config.yaml")
-    out = []
-    for m in cfg.models:
-        src = resolve_source(m)
-        out.append((m.name, load_model(src, torch.device("cpu"), torch.float32), load_tokenizer(src)))
-    return out
+def real_pair(engine):
+    """(name, model, tokenizer) of the session's real engine (the models are loaded once)."""
+    return [(w.name, w.runner.model, w.text.tokenizer) for w in engine.workers]
 
 
 def alone_logits(model, ids: list[int], steps: list[int]) -> list[torch.Tensor]:
