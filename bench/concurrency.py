@@ -53,6 +53,7 @@ def level(engine, model: str, clients: int, max_tokens: int, solo: dict[int, str
 
     runners = [w.runner for w in engine.workers if hasattr(getattr(w, "runner", None), "items")]
     counts0 = [(r.forwards, r.items) for r in runners]
+    busy0 = [r.busy_s for r in runners]
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
@@ -68,6 +69,7 @@ def level(engine, model: str, clients: int, max_tokens: int, solo: dict[int, str
     items = sum(r.items - n for r, (_, n) in zip(runners, counts0))
     return {"clients": clients, "seconds": wall, "chars": chars, "chars_per_s": chars / wall,
             "mean_batch": items / forwards if forwards else None,
+            "model_busy": [(r.busy_s - b) / wall for r, b in zip(runners, busy0)],  # per model, 0-1
             "latency_median_s": statistics.median(latencies), "latency_max_s": max(latencies),
             "identical": all(out[i][0] == solo[i] for i in out)}
 
@@ -101,10 +103,11 @@ def with_runner(engine, *, batching: bool, stop_tokens: dict[str, tuple[str, ...
 def print_table(res: dict) -> None:
     print(f"concurrency benchmark: max_tokens {res['max_tokens']}, one greedy request per client")
     print(f"{'model id':22} {'clients':>7} {'chars/s':>8} {'speedup':>8} {'latency p50 s':>13} "
-          f"{'max s':>7} {'identical':>9} {'batch':>6}")
+          f"{'max s':>7} {'identical':>9} {'batch':>6} {'busy':>9}")
     for model, rows in res["models"].items():
         for r in rows:
             speed = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
             print(f"{model:22} {r['clients']:7d} {r['chars_per_s']:8.1f} {speed:>8} {r['latency_median_s']:13.1f} "
                   f"{r['latency_max_s']:7.1f} {str(r['identical']):>9} "
-                  f"{(format(r['mean_batch'], '6.2f') if r['mean_batch'] else '     -')}")
+                  f"{(format(r['mean_batch'], '6.2f') if r['mean_batch'] else '     -')} "
+                  f"{'/'.join(f'{b:.0%}' for b in r['model_busy']) or '-':>9}")

@@ -12,8 +12,11 @@ A long prefill is fed in chunks of `PREFILL_CHUNK` tokens, one forward each, so 
 the other requests' decode steps back by one chunk's time at most, not by the whole prompt.
 
 KV room: `open_cache` waits up to `wait_s` for a free slot, then raises `Overloaded` (429);
-`close_cache` frees the slot at once. A request longer than a slot never starts: the slot
-length caps the worker's context limit, so `engine.check` refuses it with a 400.
+`close_cache` frees the slot at once. A request longer than a slot never starts: `max_len`
+caps the worker's context limit, so `engine.check` refuses it with a 400. A slot holds
+`headroom` tokens more than that, for the candidate blocks scored after the committed text
+(every model's candidates, in this model's tokens); should they still not fit, the request
+ends with `ContextLengthExceeded`, never a crash.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from . import batched_forward
 from .batched_forward import Item
-from .errors import Overloaded
+from .errors import ContextLengthExceeded, Overloaded
 from .runner import Runner
 from .slots import KVRoomError, SlotStorage
 
@@ -34,14 +37,14 @@ PREFILL_CHUNK = 256  # tokens of a prefill per forward
 
 
 class BatchedRunner:
-    def __init__(self, model, device: torch.device, *, slots: int, max_len: int, max_batch_tokens: int = 2048,
-                 wait_s: float = 30.0, name: str = "model"):
+    def __init__(self, model, device: torch.device, *, slots: int, max_len: int, headroom: int = 256,
+                 max_batch_tokens: int = 2048, wait_s: float = 30.0, name: str = "model"):
         self.model = model
         self.device = device
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         own = getattr(cfg, "max_position_embeddings", None)
         self.max_positions = min(own, max_len) if own else max_len  # a request must fit its slot
-        self.storage = SlotStorage.for_model(model, slots=slots, max_len=max_len, device=device)
+        self.storage = SlotStorage.for_model(model, slots=slots, max_len=max_len + headroom, device=device)
         self._runner = Runner(model, self.storage, max_batch_tokens=max_batch_tokens, name=f"cf-batch-{name}")
         self._free = threading.Condition()
         self.wait_s = wait_s
@@ -57,6 +60,11 @@ class BatchedRunner:
         return self._runner.forwards
 
     @property
+    def busy_s(self) -> float:
+        """Wall seconds this model has spent in forwards."""
+        return self._runner.busy_s
+
+    @property
     def items(self) -> int:
         """Requests' forwards run in them (items / forwards = the mean batch)."""
         return self._runner.items
@@ -69,7 +77,7 @@ class BatchedRunner:
     def kv_report(self) -> dict[str, int]:
         """Slots in use / in all, and the bytes preallocated for them (start-up log, /metrics)."""
         return {"slots": self.storage.slots, "slots_in_use": self.storage.slots - self.storage.free_slots,
-                "max_tokens_per_slot": self.storage.max_len, "bytes": self.storage.nbytes}
+                "max_tokens_per_slot": self.max_positions, "bytes": self.storage.nbytes}
 
     # ---- per-request KV storage ----------------------------------------------------------
 
@@ -116,7 +124,11 @@ class BatchedRunner:
             positions = [q for first, n in blocks for q in range(first, first + n)]
             sees = batched_forward.block_pattern(kv, [(n, first) for first, n in blocks], device=self.device)
             item = Item(slot, list(tokens), positions=positions, sees=sees, rows="last" if last_only else "all")
-        out = self._runner.forward(item)
+        try:
+            out = self._runner.forward(item)
+        except KVRoomError as err:
+            raise ContextLengthExceeded(f"the request outgrew its KV slot ({err}); shorten it or raise "
+                                        "fusion.kv_max_tokens") from None
         self.forward_tokens += len(tokens)
         return out
 

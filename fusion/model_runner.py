@@ -29,7 +29,8 @@ def make_runner(model, device: torch.device, fusion=None, name: str = "model"):
         from .batched_runner import BatchedRunner
 
         return BatchedRunner(model, device, slots=fusion.kv_slots, max_len=fusion.kv_max_tokens,
-                             max_batch_tokens=fusion.max_batch_tokens, name=name)
+                             headroom=16 * fusion.max_segment_tokens, max_batch_tokens=fusion.max_batch_tokens,
+                             name=name)
     return ModelRunner(model, device)
 
 

@@ -54,6 +54,7 @@ class Runner:
         self._stop = False
         self.forwards = 0  # batched forwards run (for tests and metrics)
         self.items = 0  # items run in them
+        self.busy_s = 0.0  # wall time spent in forwards
         self.batch_sizes: list[int] = []  # items per forward, most recent last (bounded)
         batched_forward.install(model)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -162,6 +163,8 @@ class Runner:
             for one in batch:
                 self._run([one])
             return
-        self._forward_s = 0.8 * self._forward_s + 0.2 * (time.perf_counter() - t0)
+        spent = time.perf_counter() - t0
+        self.busy_s += spent
+        self._forward_s = 0.8 * self._forward_s + 0.2 * spent
         for (_, fut), out in zip(batch, outs):
             fut.set_result(out)
