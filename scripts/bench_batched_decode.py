@@ -90,9 +90,12 @@ def main(argv=None):
     ap.add_argument("--context", type=int, default=100)
     ap.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--models", default="", help="comma-separated model names (default: all in config.yaml)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from fusion.config import load_config
     from fusion.loading import load_model, resolve_source
 
