@@ -160,7 +160,8 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
     if plan is None:
         return _fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     st, layer = plan.storage, module.layer_idx
-    st.write(layer, plan.slot_idx, plan.at, key[0].transpose(0, 1), value[0].transpose(0, 1))  # (T, Hkv, D)
+    T = plan.offsets[-1]  # real tokens; rows past them are padding (`pad_to`): no KV, zero output
+    st.write(layer, plan.slot_idx, plan.at, key[0, :, :T].transpose(0, 1), value[0, :, :T].transpose(0, 1))  # (T, Hkv, D)
     window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     masks = plan.masks(window)
     if plan.layout == "gather":
@@ -172,7 +173,9 @@ def slot_attention(module, query, key, value, attention_mask, dropout=0.0, scali
             q = query[:, :, o : o + plan.sizes[i]]  # (1, Hq, t, D) view
             outs.append(_sdpa(q, st.k[layer][it.slot : it.slot + 1, :, :n], st.v[layer][it.slot : it.slot + 1, :, :n],
                               masks[i], scaling, softcap, plan.gqa))  # (1, Hq, t, D)
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)  # (1, Hq, T, D)
+        if query.shape[2] > T:
+            outs.append(query.new_zeros(query.shape[:2] + (query.shape[2] - T, query.shape[3])))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)  # (1, Hq, T + padding, D)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -186,9 +189,12 @@ def _gather_attention(plan: Plan, layer, query, masks, window, scaling, softcap)
     row = torch.repeat_interleave(torch.arange(B, device=st.device), torch.tensor(plan.sizes, device=st.device))  # (T,)
     col = torch.cat([torch.arange(t, device=st.device) for t in plan.sizes])  # (T,)
     q = query.new_zeros((B, query.shape[1], t_max, query.shape[-1]))  # (B, Hq, t_max, D)
-    q[row, :, col] = query[0].transpose(0, 1)  # (T, Hq, D)
+    T = plan.offsets[-1]
+    q[row, :, col] = query[0, :, :T].transpose(0, 1)  # (T, Hq, D)
     o = _sdpa(q, k, v, plan.padded_mask(window, t_max, n_max), scaling, softcap, plan.gqa)  # (B, Hq, t_max, D)
-    return o[row, :, col].transpose(0, 1)[None]  # (1, Hq, T, D)
+    o = o[row, :, col].transpose(0, 1)[None]  # (1, Hq, T, D)
+    pad = query.shape[2] - T
+    return torch.cat([o, query.new_zeros(o.shape[:2] + (pad, o.shape[3]))], 2) if pad else o
 
 
 def install(model) -> None:
@@ -215,12 +221,17 @@ def _text(cfg):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def forward(model, storage: SlotStorage, items: list[Item], *, layout: str = "views", gqa: str = "enable") -> list[torch.Tensor]:
+def forward(model, storage: SlotStorage, items: list[Item], *, layout: str = "views", gqa: str = "enable",
+            pad_to: int = 0) -> list[torch.Tensor]:
     """Run every item's new tokens through `model` in one forward; append their keys/values to
     their slots; return each item's logits, float32: (1, V) for rows="last", (T, V) for "all".
 
     layout: "views" (per-item SDPA on its own slot) or "gather" (padded, one SDPA).
     gqa: "enable" (SDPA enable_gqa) or "repeat" (repeat_kv copies, as transformers does with a mask).
+    pad_to: feed dummy tokens (no KV, no attention) up to this many rows. A row's logits
+      depend on the number of rows the linear layers see (GEMM blocking) but, at a fixed
+      count, not on the other rows (measured on CPU: bitwise), so padding every decode
+      forward to one size makes each request's logits independent of the load.
     If the forward raises, no slot's length changes (whatever was written is past the end)."""
     if not items:
         return []
@@ -248,8 +259,12 @@ def forward(model, storage: SlotStorage, items: list[Item], *, layout: str = "vi
         pos += p
         keep += range(o, o + len(p)) if it.rows == "all" else [o + len(p) - 1]
     plan = Plan(storage, items, before, layout, gqa)
+    if len(ids) < pad_to:  # dummy rows, kept through the LM head too (its row count matters as well)
+        keep += range(len(ids), pad_to)
+        pos += [0] * (pad_to - len(ids))
+        ids += [0] * (pad_to - len(ids))
     position_ids = torch.tensor([pos], device=dev)  # (1, T)
-    storage.positions[plan.slot_idx, plan.at] = position_ids[0]
+    storage.positions[plan.slot_idx, plan.at] = position_ids[0, : plan.offsets[-1]]
     dummy = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=dev)  # (1, 1, 1, 1): skips mask creation
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([ids], device=dev), position_ids=position_ids, attention_mask=dummy,

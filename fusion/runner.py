@@ -15,8 +15,12 @@ the last batch that is still open to have queued its next item, at most `gather`
 recent forward time: those requests resubmit a moment apart (each does some tokenizer work
 between its forwards), and without the wait the first one back would run alone, splitting
 the batch. A request that sat out the last forward (busy on another model, scoring,
-committing) is not waited for, and a request alone never waits. A request joins at the next forward after it
-submits and leaves when it stops submitting.
+committing) is not waited for, and a request alone never waits. A request joins at the
+next forward after it submits and leaves when it stops submitting.
+
+`pad_decode_to=N` trades speed for load-invariant logits: decode forwards always have N rows
+(padded), prefills and scoring blocks run alone; a request then gets bitwise the logits it
+gets solo through the same runner, at any concurrency (see `batched_forward.forward`).
 
 If a batched forward raises, its items are rerun one by one so that only the item at fault
 gets the exception. Lengths change only inside forwards (runner thread); crop and move touch
@@ -41,8 +45,10 @@ class Runner:
     """Owns one model and its SlotStorage; runs queued items in batched forwards."""
 
     def __init__(self, model, storage: SlotStorage, *, max_batch_tokens: int = 2048, name: str = "runner",
-                 layout: str = "views", gqa: str = "enable", start: bool = True, gather: float = 0.25):
+                 layout: str = "views", gqa: str = "enable", start: bool = True, gather: float = 0.25,
+                 pad_decode_to: int = 0):
         self.model, self.storage = model, storage
+        self.pad_decode_to = pad_decode_to
         self.max_batch_tokens = max_batch_tokens
         self.gather = gather
         self._forward_s = 0.0  # moving average of a forward's wall time
@@ -116,6 +122,8 @@ class Runner:
 
     def _take(self) -> list[tuple[Item, Future]]:
         """Everything queued that fits one forward (caller holds the condition)."""
+        if self.pad_decode_to:
+            return self._take_invariant()
         batch, seen, tokens, rest = [], set(), 0, deque()
         while self._queue:
             it, fut = self._queue.popleft()
@@ -125,6 +133,23 @@ class Runner:
             batch.append((it, fut))
             seen.add(it.slot)
             tokens += len(it.tokens)
+        self._queue = rest
+        return batch
+
+    def _take_invariant(self) -> list[tuple[Item, Future]]:
+        """Load-invariant batching (`pad_decode_to`): a multi-token item runs alone, as it would
+        solo; single-token items run together, at most `pad_decode_to`, padded to that many
+        rows, so each row's logits are the same bits at any load."""
+        if len(self._queue[0][0].tokens) > 1:
+            return [self._queue.popleft()]
+        batch, seen, rest = [], set(), deque()
+        while self._queue:
+            it, fut = self._queue.popleft()
+            if len(it.tokens) > 1 or it.slot in seen or len(batch) >= self.pad_decode_to:
+                rest.append((it, fut))
+                continue
+            batch.append((it, fut))
+            seen.add(it.slot)
         self._queue = rest
         return batch
 
@@ -154,8 +179,9 @@ class Runner:
         t0 = time.perf_counter()
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
         try:
-            outs = batched_forward.forward(self.model, self.storage, [it for it, _ in batch],
-                                           layout=self.layout, gqa=self.gqa)
+            single = all(len(it.tokens) == 1 for it, _ in batch)
+            outs = batched_forward.forward(self.model, self.storage, [it for it, _ in batch], layout=self.layout,
+                                           gqa=self.gqa, pad_to=self.pad_decode_to if single else 0)
         except BaseException as err:  # noqa: BLE001 - isolate the item at fault
             if len(batch) == 1:
                 batch[0][1].set_exception(err)

@@ -97,3 +97,34 @@ def test_a_token_budget_splits_the_queue_and_one_slot_waits_for_its_next_forward
     assert (outs[3][0] - full_logits(model, [7, 8])[-1]).abs().max() < TOL_TINY
     assert torch.equal(outs[2].argmax(-1), full_logits(model, [7])[-1:].argmax(-1))
     r.stop()
+
+
+def test_with_padded_decodes_a_request_gets_the_same_bits_at_any_load(model):
+    """pad_decode_to: prefills run alone, decode forwards always have the same row count, so
+    the greedy run of one request is bitwise the same alone and beside three others."""
+
+    def run(n_requests):
+        r = Runner(model, SlotStorage.for_model(model, slots=4, max_len=40), pad_decode_to=4)
+        results = {}
+
+        def request(seed):
+            slot = r.open()
+            ids = rand_ids(5 + 4 * seed, seed)
+            rows = [r.forward(Item(slot, ids))]
+            for _ in range(5):
+                rows.append(r.forward(Item(slot, [int(rows[-1][0].argmax())])))
+            r.close(slot)
+            results[seed] = torch.cat(rows)  # (6, V)
+
+        threads = [threading.Thread(target=request, args=(i,)) for i in range(n_requests)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        r.stop()
+        return results, r
+
+    alone, _ = run(1)
+    loaded, r = run(4)
+    assert max(r.batch_sizes) > 1  # the four requests did share forwards
+    assert torch.equal(loaded[0], alone[0])
