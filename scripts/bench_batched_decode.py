@@ -8,6 +8,7 @@ decodes one token; the step is timed as
   views         one fusion.batched_forward.forward, per-item SDPA on slot views, enable_gqa
   views/repeat  the same with repeat_kv copies (what transformers' sdpa does under a mask)
   gather        one forward, padded attention over the items' rows gathered per layer
+  padded        views, padded to max(B) rows (load-invariant logits: Runner(pad_decode_to))
 Each timed step is undone (crop back to `context`) so the context stays fixed. Variants
 alternate within each repeat and the median is printed: on a shared CPU timings swing, so
 read the ratios of one run. Nothing is asserted.
@@ -41,8 +42,8 @@ def alone_step(model, kw, caches, ctx, tok):
         kvcache.crop(c, ctx)
 
 
-def batched_step(model, st, slots, ctx, tok, layout, gqa):
-    forward(model, st, [Item(s, [tok]) for s in slots], layout=layout, gqa=gqa)
+def batched_step(model, st, slots, ctx, tok, layout, gqa, pad_to=0):
+    forward(model, st, [Item(s, [tok]) for s in slots], layout=layout, gqa=gqa, pad_to=pad_to)
     for s in slots:
         st.crop(s, ctx)
 
@@ -64,13 +65,15 @@ def bench_model(name, model, args):
         caches.append(c)
     print(f"\n{name}: decode step at context {args.context}, ms (median of {args.repeats}); "
           f"slot storage {st.nbytes / 2**20:.1f} MiB for {bmax} x {args.context + 8}")
-    print(f"{'B':>3} {'alone':>8} {'views':>8} {'v/repeat':>9} {'gather':>8}   alone/views  repeat/views  gather/views")
+    print(f"{'B':>3} {'alone':>8} {'views':>8} {'v/repeat':>9} {'gather':>8} {'padded':>8}   "
+          "alone/views  repeat/views  gather/views  padded/views")
     for B in args.batch:
         variants = {
             "alone": lambda: alone_step(model, kw, caches[:B], args.context, 11),
             "views": lambda: batched_step(model, st, slots[:B], args.context, 11, "views", "enable"),
             "repeat": lambda: batched_step(model, st, slots[:B], args.context, 11, "views", "repeat"),
             "gather": lambda: batched_step(model, st, slots[:B], args.context, 11, "gather", "enable"),
+            "padded": lambda: batched_step(model, st, slots[:B], args.context, 11, "views", "enable", bmax),
         }
         times = {k: [] for k in variants}
         for f in variants.values():
@@ -81,8 +84,9 @@ def bench_model(name, model, args):
                 f()
                 times[k].append((time.perf_counter() - t) * 1e3)
         m = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{B:>3} {m['alone']:8.1f} {m['views']:8.1f} {m['repeat']:9.1f} {m['gather']:8.1f}   "
-              f"{m['alone'] / m['views']:11.2f} {m['repeat'] / m['views']:13.2f} {m['gather'] / m['views']:13.2f}")
+        print(f"{B:>3} {m['alone']:8.1f} {m['views']:8.1f} {m['repeat']:9.1f} {m['gather']:8.1f} {m['padded']:8.1f}   "
+              f"{m['alone'] / m['views']:11.2f} {m['repeat'] / m['views']:13.2f} {m['gather'] / m['views']:13.2f}"
+              f" {m['padded'] / m['views']:13.2f}")
 
 
 def main(argv=None):
