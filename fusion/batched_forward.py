@@ -64,8 +64,10 @@ CAUSAL = "causal"  # mask marker: plain causal over a slot that held nothing bef
 class Plan:
     """What the attention function needs for one forward, computed once, shared by layers."""
 
-    def __init__(self, storage: SlotStorage, items: list[Item], before: list[int], layout: str, gqa: str):
+    def __init__(self, storage: SlotStorage, items: list[Item], before: list[int], max_pos: list[int],
+                 layout: str, gqa: str):
         self.storage, self.items, self.before, self.layout, self.gqa = storage, items, before, layout, gqa
+        self.max_pos = max_pos  # largest new position per item (a Python int: no device sync)
         dev = storage.device
         self.sizes = [len(it.tokens) for it in items]
         self.offsets = [0]
@@ -91,7 +93,7 @@ class Plan:
         dev = self.storage.device
         allow = it.sees
         q_pos = self.storage.positions[it.slot, b:n]  # (t,)
-        if window is not None and int(q_pos.max()) >= window:  # some key may be out of the window
+        if window is not None and self.max_pos[i] >= window:  # some key may be out of the window
             k_pos = self.storage.positions[it.slot, :n]  # (n,)
             win = q_pos[:, None] - k_pos[None, :] < window  # (t, n)
             if allow is None:
@@ -249,7 +251,7 @@ def forward(model, storage: SlotStorage, items: list[Item], *, layout: str = "vi
         if it.sees is not None and tuple(it.sees.shape) != (t, b + t):
             raise ValueError(f"sees must be ({t}, {b + t}), got {tuple(it.sees.shape)}")
     dev = storage.device
-    ids, pos, keep = [], [], []
+    ids, pos, keep, max_pos = [], [], [], []
     for it, b in zip(items, before):
         p = list(it.positions) if it.positions is not None else list(range(b, b + len(it.tokens)))
         if len(p) != len(it.tokens):
@@ -257,8 +259,9 @@ def forward(model, storage: SlotStorage, items: list[Item], *, layout: str = "vi
         o = len(ids)
         ids += it.tokens
         pos += p
+        max_pos.append(max(p))
         keep += range(o, o + len(p)) if it.rows == "all" else [o + len(p) - 1]
-    plan = Plan(storage, items, before, layout, gqa)
+    plan = Plan(storage, items, before, max_pos, layout, gqa)
     if len(ids) < pad_to:  # dummy rows, kept through the LM head too (its row count matters as well)
         keep += range(len(ids), pad_to)
         pos += [0] * (pad_to - len(ids))

@@ -272,3 +272,24 @@ def test_at_a_fixed_row_count_a_request_s_logits_do_not_depend_on_the_other_rows
     st.crop(slots[3], 4)
     assert torch.equal(step([Item(a, [3]), Item(slots[3], [7])]), alone)
     assert (alone[0] - full_logits(tiny, rand_ids(6, 6) + [3])[-1]).abs().max() < TOL_TINY
+
+
+def test_softcapped_attention_matches_transformers_eager_softcap():
+    """A model that passes `softcap` gets transformers' own softcapping (Gemma's eager path)."""
+    from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
+
+    from fusion.batched_forward import _sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn((1, 4, 3, 16), generator=g) * 3  # (1, Hq, t, D)
+    k = torch.randn((1, 2, 7, 16), generator=g) * 3  # (1, Hkv, n, D)
+    v = torch.randn((1, 2, 7, 16), generator=g)
+    allow = torch.ones((3, 7), dtype=torch.bool).tril(4)[None, None]  # (1, 1, t, n)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = 2, False
+    additive = torch.zeros(allow.shape).masked_fill(~allow, torch.finfo(torch.float32).min)
+    ref, _ = eager_attention_forward(module, q, k, v, additive, scaling=0.25, softcap=2.0)  # (1, t, Hq, D)
+    ours = _sdpa(q, k, v, allow, 0.25, 2.0, "enable").transpose(1, 2)
+    assert (ours - ref).abs().max() < 1e-5
+    uncapped = _sdpa(q, k, v, allow, 0.25, None, "enable").transpose(1, 2)
+    assert (uncapped - ref).abs().max() > 1e-2  # the cap changes the result at this scale
