@@ -11,6 +11,20 @@ import torch
 from fusion import loading
 
 
+def _forbid_gguf(monkeypatch):
+    """From here on, loading from a GGUF file (instead of the cache) fails the test."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for cls in (AutoModelForCausalLM, AutoTokenizer):
+        real = cls.from_pretrained
+
+        def guarded(path, *args, _real=real, **kwargs):
+            assert "gguf_file" not in kwargs, f"{path}: parsed the GGUF instead of reading the cache"
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", guarded)
+
+
 def test_the_cached_dequantised_weights_give_the_gguf_model_exactly(config, tmp_path, monkeypatch):
     monkeypatch.setenv("COOLFUSION_CACHE", str(tmp_path))
     m = next(m for m in config.models if m.name == "smollm2-135m")
@@ -21,14 +35,7 @@ def test_the_cached_dequantised_weights_give_the_gguf_model_exactly(config, tmp_
     assert {p.name for p in entries[0].iterdir()} >= {"model.safetensors", "config.json"}
     assert "quantization_config" not in (entries[0] / "config.json").read_text()
 
-    def no_gguf(*args, **kwargs):
-        raise AssertionError("the second load parsed the GGUF instead of reading the cache")
-
-    from transformers import AutoModelForCausalLM
-
-    real = AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
-                        lambda path, *a, **kw: no_gguf() if "gguf_file" in kw else real(path, *a, **kw))
+    _forbid_gguf(monkeypatch)
     second = loading.load_model(src, torch.device("cpu"), torch.float32)
     a, b = first.state_dict(), second.state_dict()
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
