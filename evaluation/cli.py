@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default=None, metavar="DIR",
                    help="where the .md/.json/.png go (default: beside the results file)")
     p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="data folder (default: $COOLFUSION_DATA or shared/data beside the repo)")
+                   help="data folder (default: $COOLFUSION_DATA, else the copies shipped in evaluation/data)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="per-request timeout in seconds (default: 600)")
     p.add_argument("--max-failures", type=int, default=10, metavar="N",

@@ -20,9 +20,8 @@ Prompts live in template files (`evaluation/prompts/<task>.yaml`, or any file gi
 top of each shipped template); write `{{`/`}}` for a literal brace.
 
 Tasks: `gsm8k`, `lambada`, `squad`, `mgsm_<lang>` (en, zh, de, es, fr, ru). Data files come
-from `--data-dir`, else `$COOLFUSION_DATA`, else a `shared/data` folder beside the
-repository (`<repo>/../shared/data`, `<repo>/shared/data`, then the same two relative to the
-current directory).
+from `--data-dir`, else `$COOLFUSION_DATA`, else the copies shipped in this package
+(`evaluation/data/`, package data: a clone and an installed copy both have them).
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ import yaml
 from . import metrics
 
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "data"  # public splits + licences (data/README.md)
 MODES = ("completion", "chat")
 
 
@@ -167,9 +166,7 @@ def data_dir_candidates() -> list[Path]:
     env = os.environ.get("COOLFUSION_DATA")
     if env:
         return [Path(env)]
-    cwd = Path.cwd()
-    return [_REPO_ROOT.parent / "shared" / "data", _REPO_ROOT / "shared" / "data",
-            cwd / "shared" / "data", cwd.parent / "shared" / "data"]
+    return [BUNDLED_DATA_DIR]
 
 
 def default_data_dir() -> Path | None:

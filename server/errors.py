@@ -21,6 +21,9 @@ from starlette.responses import JSONResponse
 from fusion.errors import Cancelled, FusionError, InvalidRequest, NotReady
 
 
+UNSUPPORTED_PARAMETER = "unsupported_parameter"  # pydantic error type of a refused field (server.schemas), and its code
+
+
 class Unauthorized(FusionError):
     status = 401
     type = "invalid_request_error"
@@ -115,7 +118,8 @@ def from_validation(exc: RequestValidationError) -> FusionError:
     for e in errors[:5]:
         where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         msgs.append(f"{where}: {_clean(e.get('msg', 'invalid value'))}")
-    return _invalid("; ".join(msgs), param)
+    code = UNSUPPORTED_PARAMETER if first.get("type") == UNSUPPORTED_PARAMETER else None
+    return InvalidRequest("; ".join(msgs), param=param, code=code)
 
 
 def _clean(msg: str) -> str:

@@ -1,10 +1,14 @@
 """OpenAI request bodies (pydantic) and their translation into engine requests.
 
-Unknown fields are accepted and ignored (`extra="allow"`), as OpenAI clients send many.
-Fields we cannot honour (logprobs, echo, best_of > 1, suffix) are rejected with a 400
-naming them rather than silently ignored. Omitted sampling fields keep the engine's
-defaults (greedy). Our extension: `"fusion": {"trace": true}`; other keys in `fusion`
-(e.g. a future `variant`) are accepted.
+OpenAI fields that would change the output but are not implemented (tools, response_format,
+logit_bias, penalties, logprobs, echo, ...) are refused with a 400 `unsupported_parameter`
+naming the field; each one's no-op values (`tools: []`, `presence_penalty: 0`, ...) are
+accepted. Fields that change nothing here (`user`, `metadata`, `store`, `service_tier`,
+`parallel_tool_calls`, ...) are accepted, and so are fields OpenAI does not define
+(`extra="allow"`), as clients send many. README.md ("Request fields") lists them; a test
+goes through that list. Omitted sampling fields keep the engine's defaults (greedy). Our
+extension: `"fusion": {"trace": true}`; other keys in `fusion` (e.g. a future `variant`)
+are accepted.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from fusion import limits
 from fusion.types import COOL, GenerationRequest, Message
+
+from .errors import UNSUPPORTED_PARAMETER
 
 _OPEN = ConfigDict(extra="allow")
 
@@ -41,6 +48,22 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
+REFUSED_FIELDS: set[str] = set()  # every field some request model refuses (filled by _unsupported)
+
+
+def _unsupported(name: str, *allowed: Any):
+    """A validator refusing every value of `name` except None and the no-op `allowed` ones
+    (compared by type and value, so `False` does not pass for `0`)."""
+    REFUSED_FIELDS.add(name)
+
+    def check(cls, v: Any) -> Any:
+        if v is None or any(type(v) is type(a) and v == a for a in allowed):
+            return v
+        raise PydanticCustomError(UNSUPPORTED_PARAMETER, "'{name}' is not supported by this server", {"name": name})
+
+    return field_validator(name, mode="before")(classmethod(check))
+
+
 class _Common(BaseModel):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -54,8 +77,16 @@ class _Common(BaseModel):
     n: int | None = Field(default=1, ge=1, le=limits.MAX_N)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # accepted, changes nothing (as metadata, store, service_tier, ...)
     fusion: FusionOptions | None = None
+    # not implemented, refused unless they are no-ops (README "Request fields")
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+    _no_logit_bias = _unsupported("logit_bias", {})
+    _no_presence_penalty = _unsupported("presence_penalty", 0, 0.0)
+    _no_frequency_penalty = _unsupported("frequency_penalty", 0, 0.0)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -105,17 +136,6 @@ class _Common(BaseModel):
         if max_tokens is not None:
             kw["max_tokens"] = max_tokens
         return kw
-
-
-def _unsupported(name: str, *allowed: Any):
-    """A validator rejecting every value of `name` except None and the no-op `allowed` ones."""
-
-    def check(cls, v: Any) -> Any:
-        if v is None or any(type(v) is type(a) and v == a for a in allowed):
-            return v
-        raise ValueError(f"'{name}' is not supported by this server")
-
-    return field_validator(name, mode="before")(classmethod(check))
 
 
 class CompletionRequest(_Common):
@@ -201,9 +221,27 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
 
     _no_logprobs = _unsupported("logprobs", False)
     _no_top_logprobs = _unsupported("top_logprobs", 0)
+    _no_tools = _unsupported("tools", [])
+    _no_tool_choice = _unsupported("tool_choice", "none")
+    _no_functions = _unsupported("functions", [])
+    _no_function_call = _unsupported("function_call", "none")
+    _no_response_format = _unsupported("response_format", {"type": "text"})
+    _no_modalities = _unsupported("modalities", ["text"])
+    _no_audio = _unsupported("audio")
+    _no_reasoning_effort = _unsupported("reasoning_effort")
+    _no_web_search_options = _unsupported("web_search_options")
 
     def base_requests(self, default_max_tokens: int | None) -> list[GenerationRequest]:
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

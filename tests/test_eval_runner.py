@@ -18,12 +18,11 @@ import uvicorn
 from fastapi import Body, FastAPI
 from fastapi.responses import JSONResponse
 
-from evaluation import cli, tasks
+from evaluation import cli
 from evaluation.report import PPL_ROW, build_report, write_report
 from evaluation.runner import ResultsMismatch, answer_ppl, find_trace, load_results, run_task
 from evaluation.tasks import load_task
 
-needs_data = pytest.mark.skipif(tasks.default_data_dir() is None, reason="no shared/data folder")
 
 # Trace of "oracle" in the server's shape (server/response_bodies.py: `winner` is the winning
 # candidate's first proposer): winners' mean PPLs 2.0, (unscored: all agreed), 4.0 -> 3.0.
@@ -173,7 +172,6 @@ def test_winner_is_found_by_text_by_proposer_or_by_flag():
 # ---------------------------------------------------------------- runner
 
 
-@needs_data
 def test_runner_scores_writes_one_line_per_pair_and_shows_progress(fake, client, tmp_path):
     task = load_task("gsm8k")
     items = task.select(4)
@@ -196,7 +194,6 @@ def test_runner_scores_writes_one_line_per_pair_and_shows_progress(fake, client,
     assert body["prompt"] in {task.prompt(it) for it in items}
 
 
-@needs_data
 def test_rerun_is_resumed_from_the_results_file(fake, client, tmp_path):
     task = load_task("lambada")
     items = task.select(5)
@@ -218,7 +215,6 @@ def test_rerun_is_resumed_from_the_results_file(fake, client, tmp_path):
         run_task(load_task("lambada", shots=1), items, ["oracle"], client, path, progress=False)
 
 
-@needs_data
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_concurrency_bounds_the_requests_in_flight(fake, client, tmp_path, concurrency):
     task = load_task("squad")
@@ -235,7 +231,6 @@ def test_concurrency_bounds_the_requests_in_flight(fake, client, tmp_path, concu
     assert all(r["scores"]["em"] == 1.0 for r in _lines(tmp_path / "r.jsonl") if r["model"] == "oracle")
 
 
-@needs_data
 def test_failed_requests_are_not_recorded_and_are_retried_next_run(fake, client, tmp_path):
     task = load_task("gsm8k")
     items = task.select(3)
@@ -250,7 +245,6 @@ def test_failed_requests_are_not_recorded_and_are_retried_next_run(fake, client,
 # ---------------------------------------------------------------- report and CLI
 
 
-@needs_data
 def test_cli_end_to_end_writes_table_json_and_png(fake, tmp_path, capsys):
     task = load_task("gsm8k")
     _teach(fake, task, task.select(3))
@@ -281,7 +275,6 @@ def test_cli_end_to_end_writes_table_json_and_png(fake, tmp_path, capsys):
     assert again["models"] == ["oracle", "wrong"] and again["columns"]["oracle"]["items"] == 2
 
 
-@needs_data
 def test_cli_chat_mode_default_models_and_failures(fake, tmp_path, capsys):
     task = load_task("squad", mode="chat")
     _teach(fake, task, task.select(2), lambda it: it.target[0])

@@ -8,15 +8,12 @@ from evaluation import tasks
 from evaluation.tasks import TaskError, load_task
 
 DATA = tasks.default_data_dir()  # found exactly as `coolfusion eval` finds it
-needs_data = pytest.mark.skipif(
-    DATA is None, reason="no data folder: tried " + ", ".join(map(str, tasks.data_dir_candidates())))
 
 
 def _jsonl(name):
     return [json.loads(line) for line in (DATA / name).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-@needs_data
 def test_gsm8k_few_shot_examples_come_from_the_file_start_and_are_not_evaluated():
     rows = _jsonl("gsm8k_test_public.jsonl")
     task = load_task("gsm8k")
@@ -37,7 +34,6 @@ def test_gsm8k_few_shot_examples_come_from_the_file_start_and_are_not_evaluated(
     assert req.max_tokens == 256 and "Question:" in req.stop
 
 
-@needs_data
 def test_gsm8k_shots_option_changes_examples_and_items():
     rows = _jsonl("gsm8k_test_public.jsonl")
     zero = load_task("gsm8k", shots=0)
@@ -48,7 +44,6 @@ def test_gsm8k_shots_option_changes_examples_and_items():
     assert five.fingerprint() != load_task("gsm8k").fingerprint()
 
 
-@needs_data
 def test_lambada_prompt_is_the_passage_without_its_last_word_and_no_trailing_space():
     rows = _jsonl("lambada_test_public.jsonl")
     task = load_task("lambada")
@@ -62,7 +57,6 @@ def test_lambada_prompt_is_the_passage_without_its_last_word_and_no_trailing_spa
     assert task.score(" " + task.items[0].target + ".", task.items[0]) == {"accuracy": 1.0}
 
 
-@needs_data
 def test_squad_prompt_is_instruction_one_example_then_passage_question_answer():
     rows = _jsonl("squad_dev_public.jsonl")
     task = load_task("squad")
@@ -80,7 +74,6 @@ def test_squad_prompt_is_instruction_one_example_then_passage_question_answer():
     assert task.score(" Nowhere", it) == {"em": 0.0, "f1": 0.0}
 
 
-@needs_data
 def test_mgsm_reads_question_tab_answer():
     task = load_task("mgsm_zh")
     assert len(task.items) == 250 - 3
@@ -88,7 +81,6 @@ def test_mgsm_reads_question_tab_answer():
     assert task.prompt(task.items[0]).count("Question:") == 4
 
 
-@needs_data
 def test_template_file_sets_mode_and_prompt(tmp_path):
     tpl = tmp_path / "t.yaml"
     tpl.write_text('mode: chat\nshots: 0\ninstruction: "Solve."\nquery: "Q: {question}\\nA:"\n'
@@ -100,7 +92,6 @@ def test_template_file_sets_mode_and_prompt(tmp_path):
     assert load_task("gsm8k", template=tpl, mode="completion", max_tokens=8).request(task.items[0]).max_tokens == 8
 
 
-@needs_data
 def test_bad_templates_fail_with_a_message_naming_the_problem(tmp_path):
     bad_field = tmp_path / "f.yaml"
     bad_field.write_text('query: "{passage}"\n')
@@ -125,3 +116,23 @@ def test_data_dir_comes_from_coolfusion_data(tmp_path, monkeypatch):
     monkeypatch.setenv("COOLFUSION_DATA", str(tmp_path / "missing"))
     with pytest.raises(TaskError, match="no data directory"):
         load_task("lambada")
+
+
+def test_the_data_ships_in_the_package_with_a_licence_for_every_file(monkeypatch):
+    """Without --data-dir or COOLFUSION_DATA every task reads the copy inside the package, so
+    a clone (or an installed copy) needs no folder beside it; each file names its licence."""
+    monkeypatch.delenv("COOLFUSION_DATA", raising=False)
+    assert tasks.default_data_dir() == tasks.BUNDLED_DATA_DIR == tasks.PROMPTS_DIR.parent / "data"
+    readme = (tasks.BUNDLED_DATA_DIR / "README.md").read_text(encoding="utf-8")
+    for name in tasks.TASK_NAMES:
+        task = load_task(name)
+        assert task.data_path.parent == tasks.BUNDLED_DATA_DIR and len(task.items) > 0, name
+    for f in sorted(tasks.BUNDLED_DATA_DIR.iterdir()):
+        assert f.stat().st_size < 2_000_000, f  # modest files only
+        if f.name.startswith("LICENSE-") or f.name == "README.md":
+            continue
+        row = next((line for line in readme.splitlines() if line.startswith("| `") and
+                    (f"`{f.name}`" in line or (f.name.startswith("mgsm_") and "`mgsm_{" in line))), None)
+        assert row is not None, f"{f.name} is not described in data/README.md"
+        licence = row.split("`LICENSE-")[1].split("`")[0]
+        assert (tasks.BUNDLED_DATA_DIR / f"LICENSE-{licence}").is_file(), (f.name, licence)

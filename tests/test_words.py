@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from fusion.words import REPLACEMENT, WordStarts, common_starts, first_boundary
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "word_starts_examples.json"
+DATA = Path(__file__).resolve().parents[1] / "evaluation" / "data" / "word_starts_examples.json"  # shipped
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,6 @@ def test_the_rule_is_derived_from_each_tokenizer(splitters):
     assert not gemma.uses_pretokenizer_words  # SentencePiece: whitespace-delimited words
 
 
-@pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} not present")
 def test_word_starts_match_the_reference_examples(splitters):
     for ex in json.loads(DATA.read_text()):
         assert splitters[0](ex["text"]) == ex["smollm2"], ex["text"]
