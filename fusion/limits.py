@@ -1,6 +1,6 @@
 """The request limits, in one table shared by the engine's checks and the HTTP schemas.
 
-`fusion.validation` enforces them on every `GenerationRequest`; `server.request_bodies`
+`fusion.validation` enforces them on every `GenerationRequest`; `server.schemas`
 builds its pydantic field bounds from the same names, so a limit cannot differ between the
 engine and the API (docs/architecture.md, "Limits and defaults").
 """
