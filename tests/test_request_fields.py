@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fake_engine import FakeEngine
+from fakes import FakeEngine
 
 from fusion.config import ServerConfig
 from server.app import create_app
