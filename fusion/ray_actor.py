@@ -2,8 +2,10 @@
 
 `ModelActor` loads its model itself, on its node, through the same path as the engine
 (`fusion.loading.load`, then `LocalWorker.from_loaded` with the `WorkerOptions` the master
-sent at construction, so a restarted actor gets them again), and holds the states of the
-requests it serves, by request id. Every call answers with a typed message: `Reply` for the
+sent at construction), and holds the states of the requests it serves, by request id. The
+options (every model's tokenizer rules: megabytes) travel as an object ref that the master
+keeps alive, boxed in a list so that Ray passes the ref itself: an actor that Ray restarts
+runs its constructor again with the same arguments and fetches them again. Every call answers with a typed message: `Reply` for the
 Table 1 calls, `ActorInfo` once at start. The master's proxy is `fusion.ray_worker`.
 """
 
@@ -52,10 +54,11 @@ class Reply:
 class ModelActor:
     """Runs in a Ray worker process: one source model and its requests' states."""
 
-    def __init__(self, m: ModelConfig, options: WorkerOptions, fusion):
+    def __init__(self, m: ModelConfig, options_box: list, fusion):
         from .loading import load, resolve_device
         from .local_worker import LocalWorker
 
+        options: WorkerOptions = ray.get(options_box[0])
         self.name = m.name
         # "auto": the GPU Ray gave this actor (num_gpus), else the CPU, never an unrequested GPU
         device = resolve_device("cpu" if m.device == "auto" and not ray.get_gpu_ids() else m.device)
@@ -119,10 +122,11 @@ class ModelActor:
         return {"forward_tokens": self.worker.forward_tokens, "tok_seconds": self.worker.tok_seconds}
 
 
-def start_actor(m: ModelConfig, options: WorkerOptions, fusion, rc):
-    """Ask Ray for the model's actor; returns at once (the model loads in the background)."""
+def start_actor(m: ModelConfig, options_ref, fusion, rc):
+    """Ask Ray for the model's actor; returns at once (the model loads in the background).
+    `options_ref` is `ray.put(WorkerOptions)`, kept alive by the caller."""
     res = rc.resources(m.name)
     return ray.remote(ModelActor).options(
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=rc.max_restarts,
         max_task_retries=0,  # a request's state lives in the actor: never replay a call
-    ).remote(m, options, fusion)
+    ).remote(m, [options_ref], fusion)

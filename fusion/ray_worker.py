@@ -56,9 +56,10 @@ class RemoteState:
 class RayWorker:
     """A source model in a Ray actor, behind the `Worker` contract (see the module docstring)."""
 
-    def __init__(self, m: ModelConfig, rc: RayConfig, options: WorkerOptions, fusion, actor, tokenizer):
+    def __init__(self, m: ModelConfig, rc: RayConfig, options: WorkerOptions, options_ref, fusion, actor, tokenizer):
         self.name = m.name
         self.config, self.ray_config, self.options, self.fusion = m, rc, options, fusion
+        self._options_ref = options_ref  # kept alive here: a restarted actor fetches it again
         self._actor = actor
         self._lock = threading.Lock()
         self._recovery: threading.Thread | None = None
@@ -170,7 +171,7 @@ class RayWorker:
                 ray.kill(actor, no_restart=True)  # frees its resources for the successor
             except Exception as err:  # noqa: BLE001  (already gone)
                 log.debug("ray.kill: %s", err)
-            new = start_actor(self.config, self.options, self.fusion, self.ray_config)
+            new = start_actor(self.config, self._options_ref, self.fusion, self.ray_config)
             with self._lock:
                 self._actor = new
             try:
@@ -304,11 +305,12 @@ def connect(rc: RayConfig) -> None:
 def ray_workers(cfg: Config, options: WorkerOptions, tokenizers: Sequence[Any]) -> list[RayWorker]:
     """One actor per configured model, all loading at once, each built with `options`."""
     connect(cfg.ray)
-    actors = [start_actor(m, options, cfg.fusion, cfg.ray) for m in cfg.models]  # they load in parallel
+    options_ref = ray.put(options)
+    actors = [start_actor(m, options_ref, cfg.fusion, cfg.ray) for m in cfg.models]  # they load in parallel
     try:
         workers = []
         for m, actor, tok in zip(cfg.models, actors, tokenizers):
-            workers.append(RayWorker(m, cfg.ray, options, cfg.fusion, actor, tok))
+            workers.append(RayWorker(m, cfg.ray, options, options_ref, cfg.fusion, actor, tok))
             log.info("model %s runs in a Ray actor on %s (%s)", m.name, workers[-1].node, workers[-1].device)
     except BaseException:
         for a in actors:
