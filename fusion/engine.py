@@ -169,11 +169,11 @@ class Engine:
     def generate(self, req: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Step]:
         """Yield one Step per selected segment. Closing the generator (or setting `cancel`)
         frees every KV cache of the request."""
-        with_steps = self.start(req, cancel)
+        running = self.start(req, cancel)
         try:
-            yield from with_steps
+            yield from running
         finally:
-            with_steps.close()
+            running.close()
 
     def _steps(self, req, prompt_tokens, cancel, stats) -> Iterator[Step]:
         with self._active_lock:

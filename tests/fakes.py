@@ -6,7 +6,8 @@
   byte, words split at spaces), so the fast tests need no tokenizer files.
 - `FakeEngine`: the engine's interface with no models, for tests where only HTTP is under test.
 
-FakeEngine has the same interface (model_ids, source_names, check, generate, active_requests, default_max_tokens)
+FakeEngine has the same interface (model_ids, source_names, check, generate, active_requests, default_max_tokens,
+kv_report)
 and the same typed errors, no models. The reply is deterministic and depends on the request:
 "<model> heard: <prompt words reversed> [la la ...]", split into word segments (a word with
 its leading space, as byte-level BPE words are). One segment = one "token"; the prompt's token
@@ -156,6 +157,9 @@ class FakeEngine:
 
     def model_ids(self) -> list[str]:
         return [*VARIANTS, *self.source_names]
+
+    def kv_report(self) -> dict[str, dict[str, int]]:
+        return {}  # no runner holds KV slots here
 
     @property
     def active_requests(self) -> int:
