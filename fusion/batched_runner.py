@@ -99,9 +99,6 @@ class BatchedRunner:
         with self._free:
             self._free.notify()
 
-    def cache_len(self, slot: int) -> int:
-        return self.storage.length(slot)
-
     def crop(self, slot: int, n: int) -> None:
         self.storage.crop(slot, n)
 

@@ -231,16 +231,8 @@ class Engine:
             finish = step.finish_reason
         return "".join(text), finish
 
-    def judge(self, req: GenerationRequest, text: str, eos: bool, cancel=None) -> Candidate:
-        """Every source model's PPL of a whole output after the prompt (paper Table 3, row 1)."""
-        runs: list[loop.Run] = []
-        try:
-            return self._judge(self._resolved(req), text, eos, cancel, Stats(), runs)
-        finally:
-            for r in runs:
-                r.close()
-
     def _judge(self, req, text, eos, cancel, stats, runs) -> Candidate:
+        """Every source model's PPL of a whole output after the prompt (paper Table 3, row 1)."""
         run = self._open(self.workers, req, cancel, stats, runs)
         return loop.rerank(run, [(text, eos, (req.model,))]).candidates[0]
 

@@ -61,9 +61,6 @@ class ModelRunner:
     def close_cache(self, cache) -> None:
         """The request is done; its storage is garbage once the caller drops it."""
 
-    def cache_len(self, cache) -> int:
-        return cache.get_seq_length()
-
     def crop(self, cache, n: int) -> None:
         """Keep the first `n` cached tokens."""
         kvcache.crop(cache, n)
