@@ -88,16 +88,9 @@ def measure(engine, levels: list[int], max_tokens: int, models: list[str] | None
     return res
 
 
-def with_runner(engine, *, batching: bool, stop_tokens: dict[str, tuple[str, ...]] | None = None):
-    """An engine over the same loaded models with `fusion.batching` set (no second load);
-    `stop_tokens` per model name as in the config (the workers keep only their ids)."""
-    from fusion.engine import Engine
-    from fusion.loading import LoadedModel
-
-    fusion = engine.fusion.model_copy(update={"batching": batching})
-    models = [LoadedModel(w.name, w.runner.model, w.text.tokenizer, w.device, (stop_tokens or {}).get(w.name, ()),
-                          w.context_limit) for w in engine.workers]
-    return Engine.from_models(models, fusion, dict(engine.templates))
+def with_runner(engine, *, batching: bool):
+    """An engine over the same loaded models with `fusion.batching` set (no second load)."""
+    return engine.with_fusion(engine.fusion.model_copy(update={"batching": batching}))
 
 
 def print_table(res: dict) -> None:

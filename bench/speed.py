@@ -289,13 +289,11 @@ def run(args) -> int:
     if args.concurrency:
         from bench import concurrency
 
-        from fusion.config import load_config
 
         levels = sorted({int(x) for x in args.concurrency.split(",")})
-        stops = {} if args.shapes else {m.name: tuple(m.stop_tokens) for m in load_config(args.config).models}
         res = {"load_seconds": load_s}
         for mode in (["off", "on"] if args.batching == "both" else [args.batching]):
-            eng = concurrency.with_runner(engine, batching=mode == "on", stop_tokens=stops)
+            eng = concurrency.with_runner(engine, batching=mode == "on")
             ids = args.model_ids.split(",") if args.model_ids else None
             res[f"batching_{mode}"] = concurrency.measure(eng, levels, args.max_tokens, ids)
             eng.close()

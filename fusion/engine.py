@@ -75,11 +75,10 @@ class Engine:
         built knowing every model's word rule."""
         from .loading import load, load_tokenizer, resolve_source
         from .local_worker import LocalWorker
-        from .words import WordStarts
         from .worker_protocol import WorkerOptions
 
         tokenizers = [load_tokenizer(resolve_source(m)) for m in cfg.models]
-        options = WorkerOptions(tuple(WordStarts(t) for t in tokenizers), cfg.fusion.fast_paths)
+        options = WorkerOptions.for_tokenizers(tokenizers, cfg.fusion.fast_paths)
         templates = {m.name: chat.resolve_template(m.chat_template, t) for m, t in zip(cfg.models, tokenizers)}
         if cfg.backend == "ray":
             from .ray_worker import ray_workers
@@ -100,6 +99,14 @@ class Engine:
 
     def model_ids(self) -> list[str]:
         return list(VARIANTS) + self.source_names
+
+    def with_fusion(self, fusion: FusionConfig) -> "Engine":
+        """An engine over the same loaded models (no second load) with other fusion settings,
+        e.g. `batching` on (tests, the concurrency benchmark). Local workers only."""
+        loaded = [getattr(w, "loaded", None) for w in self.workers]
+        if any(m is None for m in loaded):
+            raise TypeError("with_fusion needs workers built from loaded models (LocalWorker.from_loaded)")
+        return Engine.from_models(loaded, fusion, dict(self.templates))
 
     @property
     def default_max_tokens(self) -> int:

@@ -27,7 +27,7 @@ from typing import Sequence
 from .loading import LoadedModel
 from .model_runner import make_runner
 from .tokenizer_side import TokenizerSide, end_tokens
-from .words import REPLACEMENT, WordStarts, first_boundary
+from .words import REPLACEMENT, first_boundary
 from .worker_protocol import Proposal, Sampling, WorkerOptions
 
 
@@ -95,8 +95,10 @@ class LocalWorker:
         `fusion` (a FusionConfig) chooses the runner (`fusion.batching`)."""
         runner = make_runner(m.model, m.device, fusion, m.name)
         ends, chat_ends = end_tokens(m.name, m.tokenizer, runner.generation_config, m.stop_tokens)
-        return cls(m.name, runner, TokenizerSide(m.name, m.tokenizer, ends, chat_ends), options,
-                   context_limit=m.context_limit)
+        worker = cls(m.name, runner, TokenizerSide(m.name, m.tokenizer, ends, chat_ends), options,
+                     context_limit=m.context_limit)
+        worker.loaded = m  # what it was built from (Engine.with_fusion builds again from it)
+        return worker
 
     def __repr__(self) -> str:
         return f"LocalWorker({self.name})"
@@ -343,7 +345,7 @@ def local_workers(models: Sequence[LoadedModel], fusion=None) -> list[LocalWorke
     """One worker per loaded model, each knowing every model's word rule (paper Table 1);
     `fusion` (a FusionConfig, default the config's defaults) sets the fast paths and runner."""
     fast = True if fusion is None else fusion.fast_paths
-    options = WorkerOptions(tuple(WordStarts(m.tokenizer) for m in models), fast)
+    options = WorkerOptions.for_tokenizers([m.tokenizer for m in models], fast)
     return [LocalWorker.from_loaded(m, options, fusion) for m in models]
 
 

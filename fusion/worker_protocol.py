@@ -33,6 +33,11 @@ class WorkerOptions:
     all_words: tuple[WordStarts, ...]
     fast: bool = True
 
+    @classmethod
+    def for_tokenizers(cls, tokenizers: Sequence[Any], fast: bool = True) -> "WorkerOptions":
+        """The options of every worker of one engine: each source model's tokenizer, in order."""
+        return cls(tuple(WordStarts(t) for t in tokenizers), fast)
+
 
 @dataclass(frozen=True)
 class Sampling:

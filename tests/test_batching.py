@@ -16,19 +16,14 @@ from pinned_requests import REQUESTS
 from test_pinned_outputs import PINNED, _request
 
 from fusion.config import FusionConfig
-from fusion.engine import Engine
 from fusion.errors import Overloaded
-from fusion.loading import LoadedModel
 from fusion.types import GenerationRequest
 
 
 @pytest.fixture(scope="module")
-def batched(engine, config):
-    """An engine over the session's loaded models (config's stop tokens), batching, 16 slots per model."""
-    models = [LoadedModel(m.name, w.runner.model, w.text.tokenizer, w.device, tuple(m.stop_tokens), m.context_limit)
-              for m, w in zip(config.models, engine.workers)]
-    eng = Engine.from_models(models, FusionConfig(batching=True, kv_slots=16, kv_max_tokens=2048),
-                             dict(engine.templates))
+def batched(engine):
+    """An engine over the session's loaded models, batching, 16 slots per model."""
+    eng = engine.with_fusion(FusionConfig(batching=True, kv_slots=16, kv_max_tokens=2048))
     yield eng
     eng.close()
 
