@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from .columns import parse_column, split_columns
 from .report import build_report, to_markdown, write_report
 from .runner import check_settings, load_results, models_in_column_order, run_task
 from .tasks import MODES, TASK_NAMES, TaskError, load_task
@@ -30,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--task", required=True, choices=TASK_NAMES, help="task to run")
     p.add_argument("--models", type=_csv, default=None, metavar="A,B,C",
-                   help="model ids, one table column each (default: every id in /v1/models)")
+                   help="table columns: model ids, each optionally with fusion settings, e.g. "
+                        "cool-fusion:geo_mean_ppl or 'cool-fusion:select=weighted+weights=auto' "
+                        "(README, 'Selection rules'; default: every id in /v1/models)")
     p.add_argument("--limit", type=_positive, default=None, metavar="N",
                    help="evaluate the first N items only (default: all)")
     p.add_argument("--shots", type=int, default=None, metavar="K",
@@ -148,7 +151,7 @@ def _check_models(wanted: list[str] | None, client, base_url: str) -> list[str]:
         raise TaskError(f"cannot list the models of {base_url}: {err}") from None
     if not wanted:
         return listed
-    unknown = [m for m in wanted if m not in listed]
+    unknown = [m for m in wanted if parse_column(m).model not in listed]
     if unknown:
         raise TaskError(f"{base_url} does not serve {', '.join(unknown)}; it serves {', '.join(listed)}")
     return wanted
@@ -202,10 +205,15 @@ def _server(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
 
 
 def _csv(text: str) -> list[str]:
-    ids = [s.strip() for s in text.split(",") if s.strip()]
+    ids = split_columns(text)
     if not ids:
         raise argparse.ArgumentTypeError("give at least one model id")
-    return list(dict.fromkeys(ids))
+    try:
+        for label in ids:
+            parse_column(label)
+    except TaskError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return ids
 
 
 def _positive(text: str) -> int:

@@ -95,3 +95,9 @@ def squad_em(pred: str, golds: list[str]) -> float:
 
 def squad_f1(pred: str, golds: list[str]) -> float:
     return max((_f1(pred, g) for g in golds), default=0.0)
+
+
+def contains_answer(output: str, golds: list[str]) -> bool:
+    """A gold answer appears in the output as whole words, after SQuAD's normalisation."""
+    text = f" {normalize_answer(output)} "
+    return any(f" {normalize_answer(g)} " in text for g in golds if normalize_answer(g))

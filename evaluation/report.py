@@ -6,6 +6,13 @@ id with these rows:
 - `avg PPL (source models)`: mean over the answers of their perplexity as judged by the
   source models (definition in `evaluation.runner`), "-" when the server gave none;
 - the task's metric(s): accuracy, or EM and F1 (fractions, as in the paper's tables);
+- `Δ <metric> vs <best source> (± SE)`: for every column, the paired difference of the
+  metric against the better source model alone (the source column with the highest mean of
+  the task's first metric), over the items both answered: mean of the per-item differences
+  and its standard error sd/sqrt(n), so a reader can tell a gain from noise (shown when the
+  table has a source model column and a column to compare);
+- `ended (stop)`: the fraction of answers that ended by themselves or at a stop string
+  (finish_reason "stop"), not at the generation budget;
 - `items`: answers in the column;
 - `time (s)`: the sum of that model id's request latencies (with `--concurrency` above 1
   requests overlap, so the columns add up to more than the wall-clock time).
@@ -19,12 +26,15 @@ model id, bars like the paper's figures; EM and F1 side by side for SQuAD).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Iterable
 
+from .columns import parse_column
 from .tasks import Item, Task
 
 PPL_ROW = "avg PPL (source models)"
+ENDED_ROW = "ended (stop)"
 METRIC_NAMES = {"accuracy": "accuracy", "em": "EM", "f1": "F1"}
 
 
@@ -44,11 +54,17 @@ def build_report(task: Task, records: Iterable[dict], models: list[str], items: 
             "ppl": sum(ppls) / len(ppls) if ppls else None,
             "ppl_answers": len(ppls),  # answers that had a perplexity
             "time_s": round(sum(float(r.get("latency_s") or 0.0) for r in recs), 3),
+            "ended": sum(r.get("finish_reason") == "stop" for r in recs) / n if n else None,
         }
         for metric in task.metrics:
             vals = [float(r["scores"][metric]) for r in recs if metric in (r.get("scores") or {})]
             col[metric] = sum(vals) / len(vals) if vals else None
         columns[m] = col
+    baseline = _best_source(models, columns, task.metrics[0])
+    paired = {}
+    if baseline is not None and len(models) > 1:
+        for metric in task.metrics:
+            paired[metric] = {m: _paired(by_model[m], by_model[baseline], metric) for m in models}
     return {
         "task": task.name,
         "shots": task.shots,
@@ -58,8 +74,32 @@ def build_report(task: Task, records: Iterable[dict], models: list[str], items: 
         "metrics": list(task.metrics),
         "models": list(models),
         "columns": columns,
+        "baseline": baseline if paired else None,
+        "paired": paired,  # metric -> column -> {"diff", "se", "n"} against the baseline
         "wall_s": None if wall_s is None else round(wall_s, 3),
     }
+
+
+def _best_source(models: list[str], columns: dict, metric: str) -> str | None:
+    sources = [m for m in models if parse_column(m).is_source and columns[m].get(metric) is not None]
+    return max(sources, key=lambda m: columns[m][metric]) if sources else None  # first of equals
+
+
+def _paired(recs: list[dict], base: list[dict], metric: str) -> dict:
+    """Mean and standard error of the per-item difference recs - base over shared items."""
+    ref = {r["item_id"]: float(r["scores"][metric]) for r in base if metric in (r.get("scores") or {})}
+    d = [float(r["scores"][metric]) - ref[r["item_id"]] for r in recs
+         if r["item_id"] in ref and metric in (r.get("scores") or {})]
+    n = len(d)
+    if n == 0:
+        return {"diff": None, "se": None, "n": 0}
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+    return {"diff": mean, "se": sd / math.sqrt(n), "n": n}
+
+
+def _fmt_paired(p: dict) -> str:
+    return "-" if p["diff"] is None else f"{p['diff']:+.4f} ± {p['se']:.4f}"
 
 
 def _fmt(v: float | None, digits: int) -> str:
@@ -72,6 +112,10 @@ def to_markdown(report: dict) -> str:
     rows = [[PPL_ROW] + [_fmt(cols[m]["ppl"], 2) for m in models]]
     for metric in report["metrics"]:
         rows.append([METRIC_NAMES.get(metric, metric)] + [_fmt(cols[m][metric], 4) for m in models])
+    for metric, per in (report.get("paired") or {}).items():
+        name = f"Δ {METRIC_NAMES.get(metric, metric)} vs {report['baseline']} (± SE)"
+        rows.append([name] + ["(baseline)" if m == report["baseline"] else _fmt_paired(per[m]) for m in models])
+    rows.append([ENDED_ROW] + [_fmt(cols[m].get("ended"), 3) for m in models])
     rows.append(["items"] + [str(cols[m]["items"]) for m in models])
     rows.append(["time (s)"] + [f"{cols[m]['time_s']:.1f}" for m in models])
     head = ["metric"] + models

@@ -12,7 +12,12 @@ One results line:
     {"task": "gsm8k", "settings": "<fingerprint of the task settings>", "model": "cool-fusion",
      "item_id": "gsm8k/3", "output": "...", "target": "18", "scores": {"accuracy": 1.0},
      "ppl": 1.37, "ppl_steps": 41, "steps": 52, "wins": {"smollm2-135m": 30, "gemma3-270m": 22},
-     "finish_reason": "stop", "usage": {...}, "latency_s": 12.3, "column": 0}
+     "finish_reason": "stop", "usage": {...}, "latency_s": 12.3, "column": 0,
+     "model_id": "cool-fusion", "fusion": {}}
+
+`model` is the table column's label as given to --models: a model id, or a model id with
+fusion settings (`cool-fusion:geo_mean_ppl`, evaluation.columns), whose id and settings are
+`model_id` and `fusion`.
 
 Perplexity of an answer as judged by the source models (paper Table 3, first row)
 ------------------------------------------------------------------------------
@@ -59,6 +64,7 @@ from typing import Any, Iterable
 
 from tqdm import tqdm
 
+from .columns import parse_column
 from .tasks import Item, Request, Task, TaskError
 
 
@@ -193,13 +199,18 @@ def answer_ppl(steps: list[dict] | None) -> tuple[float | None, int, int, dict[s
 # ---------------------------------------------------------------- requests
 
 
-def call(client: Any, model: str, req: Request, *, trace: bool = True) -> dict:
-    """One request through the openai client; the response as a plain dict."""
-    kwargs: dict[str, Any] = {"model": model, "max_tokens": req.max_tokens, "temperature": 0.0}
+def call(client: Any, column: str, req: Request, *, trace: bool = True) -> dict:
+    """One request of a table column (a model id, maybe with fusion settings: evaluation.columns)
+    through the openai client; the response as a plain dict."""
+    col = parse_column(column)
+    kwargs: dict[str, Any] = {"model": col.model, "max_tokens": req.max_tokens, "temperature": 0.0}
     if req.stop:
         kwargs["stop"] = list(req.stop)
+    fusion = dict(col.fusion)
     if trace:
-        kwargs["extra_body"] = {"fusion": {"trace": True, "judge": True}}
+        fusion.update(trace=True, judge=True)
+    if fusion:
+        kwargs["extra_body"] = {"fusion": fusion}
     if req.mode == "chat":
         resp = client.chat.completions.create(messages=req.messages(), **kwargs)
     else:
@@ -231,8 +242,10 @@ def evaluate_one(client: Any, task: Task, item: Item, model: str, *, trace: bool
     judge = choice.get("fusion_judge") or response.get("fusion_judge")
     if isinstance(judge, dict) and isinstance(judge.get("mean_ppl"), (int, float)):
         ppl = float(judge["mean_ppl"])
+    col = parse_column(model)
     rec = {
         "task": task.name, "settings": task.fingerprint(), "model": model, "item_id": item.id,
+        "model_id": col.model, "fusion": col.fusion,
         "output": output,
         "target": item.target if isinstance(item.target, str) else list(item.target),
         "scores": task.score(output, item),

@@ -19,7 +19,7 @@ Prompts live in template files (`evaluation/prompts/<task>.yaml`, or any file gi
 `{name}` placeholders are Python format fields filled from the item's fields (listed at the
 top of each shipped template); write `{{`/`}}` for a literal brace.
 
-Tasks: `gsm8k`, `lambada`, `squad`, `mgsm_<lang>` (en, zh, de, es, fr, ru). Data files come
+Tasks: `gsm8k`, `lambada`, `squad`, `chat_facts`, `mgsm_<lang>` (en, zh, de, es, fr, ru). Data files come
 from `--data-dir`, else `$COOLFUSION_DATA`, else the copies shipped in this package
 (`evaluation/data/`, package data: a clone and an installed copy both have them).
 """
@@ -241,6 +241,11 @@ def read_squad(path: Path, name: str) -> list[Item]:
     return items
 
 
+def read_chat_facts(path: Path, name: str) -> list[Item]:
+    return [Item(f"{name}/{i}", {"question": row["question"]}, tuple(row["answers"]))
+            for i, row in enumerate(_jsonl(path))]
+
+
 def read_mgsm(path: Path, name: str) -> list[Item]:
     items = []
     with path.open(encoding="utf-8") as f:
@@ -274,6 +279,10 @@ def score_squad(output: str, target) -> dict[str, float]:
     return {"em": metrics.squad_em(answer, golds), "f1": metrics.squad_f1(answer, golds)}
 
 
+def score_contains(output: str, target) -> dict[str, float]:
+    return {"accuracy": float(metrics.contains_answer(output, list(target)))}
+
+
 # ---------------------------------------------------------------- tasks
 
 
@@ -292,6 +301,8 @@ _SPECS = {
     "gsm8k": TaskSpec("gsm8k", "gsm8k_test_public.jsonl", read_gsm8k, score_number, ("accuracy",), "gsm8k.yaml"),
     "lambada": TaskSpec("lambada", "lambada_test_public.jsonl", read_lambada, score_lambada, ("accuracy",), "lambada.yaml"),
     "squad": TaskSpec("squad", "squad_dev_public.jsonl", read_squad, score_squad, ("em", "f1"), "squad.yaml"),
+    "chat_facts": TaskSpec("chat_facts", "chat_facts.jsonl", read_chat_facts, score_contains, ("accuracy",),
+                           "chat_facts.yaml"),
     **{f"mgsm_{lang}": TaskSpec(f"mgsm_{lang}", f"mgsm_{lang}.tsv", read_mgsm, score_number, ("accuracy",), "mgsm.yaml")
        for lang in MGSM_LANGS},
 }

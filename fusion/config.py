@@ -73,6 +73,18 @@ class FusionConfig(BaseModel):
     kv_slots: int = Field(default=8, gt=0)  # requests' KV rooms per model (a request uses 1, 2 with judge/rerank)
     kv_max_tokens: int = Field(default=4096, gt=0)  # tokens per slot; caps every model's context
     max_batch_tokens: int = Field(default=2048, gt=0)  # new tokens in one batched forward, at most
+    # Selection (fusion/selection.py; each can be overridden per request in `fusion`)
+    select: Literal["mean_ppl", "geo_mean_ppl", "max_ppl", "min_ppl", "weighted"] = "mean_ppl"
+    weights: dict[str, float] | Literal["auto"] = {}  # per model, for select: weighted (default 1)
+    auto_temperature: float = Field(default=1.0, gt=0)  # T of `weights: auto`
+    end_scoring: Literal["end_token", "text"] = "end_token"  # how a candidate that ends the turn is scored
+    score_end: dict[str, bool] = {}  # per model: false = its end predictions do not count
+
+    def selection_request(self):
+        """The config's selection settings, as a request would give them."""
+        from .selection import SelectionRequest
+
+        return SelectionRequest(self.select, self.weights, self.end_scoring, self.score_end)
 
 
 class ServerConfig(BaseModel):
@@ -139,6 +151,12 @@ class Config(BaseModel):
         for n in self.ray.models:
             if n not in names:
                 raise ValueError(f"ray.models.{n}: no model named {n!r} in models")
+        for key in ("weights", "score_end"):
+            for n, v in (getattr(self.fusion, key) if isinstance(getattr(self.fusion, key), dict) else {}).items():
+                if n not in names:
+                    raise ValueError(f"fusion.{key}.{n}: no model named {n!r} in models")
+                if key == "weights" and v < 0:
+                    raise ValueError(f"fusion.weights.{n}: a weight must be >= 0, not {v}")
         if self.backend == "ray":
             for i, m in enumerate(self.models):
                 if m.device.startswith("cuda") and self.ray.resources(m.name).num_gpus <= 0:

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Iterator, Sequence
 
-from . import chat, loop, output, validation
+from . import chat, loop, output, selection, validation
 from .config import Config, FusionConfig
 from .errors import Cancelled, UnknownModel
 from .loading import LoadedModel
@@ -135,6 +135,9 @@ class Engine:
 
     # ---- checks ----------------------------------------------------------------------------
 
+    def _auto_weights(self, req: GenerationRequest) -> dict[str, float]:
+        raise NotImplementedError
+
     def _participants(self, model: str) -> list[Worker]:
         if model in VARIANTS:
             return self.workers
@@ -158,6 +161,7 @@ class Engine:
         workers = self._participants(req.model)
         req = self._resolved(req)
         validation.check_fields(req)
+        selection.check(req.selection, self.source_names, self.fusion.select)
         counts = []
         for w in workers:
             counts.append(len(self.prompt_ids(w, req)))
@@ -187,13 +191,15 @@ class Engine:
             self._active += 1
         runs: list[loop.Run] = []
         try:
-            raw = self._raw_steps(req, cancel, stats, runs)
+            sel = self.selection_for(req)
+            rule = sel.describe() if req.model in VARIANTS else None
+            raw = self._raw_steps(req, cancel, stats, runs, sel)
             text = ""
             for step in output.finish(raw, req, self._reference(req).text, prompt_tokens, cancel):
                 text += step.text
                 if step.finish_reason is not None and req.judge:
-                    step = replace(step, judge=self._judge(req, text, step.eos, cancel, stats, runs))
-                yield step
+                    step = replace(step, judge=self._judge(req, text, step.eos, cancel, stats, runs, sel))
+                yield replace(step, selection=rule) if rule is not None else step
         finally:
             for r in runs:
                 r.close()
@@ -206,27 +212,42 @@ class Engine:
         and tools. The caller closes it: `run.close()` frees every KV cache."""
         req = self._resolved(req)
         self.check(req)
-        return self._open(self._participants(req.model), req, cancel, Stats(), [], align=req.model == COOL)
+        return self._open(self._participants(req.model), req, cancel, Stats(), [], self.selection_for(req),
+                          align=req.model == COOL)
+
+    def selection_for(self, req: GenerationRequest) -> selection.Selection:
+        """The request's selection rule: its `fusion` settings over the config's, with `auto`
+        weights computed from the prompt (fusion.selection)."""
+        r, f = req.selection, self.fusion
+        rule = r.select or f.select
+        weights = r.weights if r.weights is not None else f.weights
+        if rule != "weighted":
+            weights = {}
+        elif weights == selection.AUTO:
+            weights = self._auto_weights(req)
+        score_end = {**f.score_end, **(r.score_end or {})}
+        return selection.Selection(rule, dict(weights), r.end_scoring or f.end_scoring,
+                                   frozenset(m for m, counts in score_end.items() if not counts))
 
     def _reference(self, req: GenerationRequest) -> Worker:
         return self.workers[0] if req.model in VARIANTS else self._by_name[req.model]
 
-    def _open(self, workers, req, cancel, stats, runs, *, align=True) -> loop.Run:
+    def _open(self, workers, req, cancel, stats, runs, sel, *, align=True) -> loop.Run:
         states, ends = [], []
         for i, w in enumerate(workers):
             seed = None if req.seed is None else req.seed + 1000 * i
             states.append(w.open(self.prompt_ids(w, req), Sampling(req.temperature, req.top_p, seed)))
             ends.append(w.text.chat_end if req.messages is not None else w.text.primary_end)
         run = loop.Run(workers, states, ends, self._pool, cancel, self.fusion.max_segment_tokens, stats,
-                       self.fusion.score, align, self.fusion.fast_paths)
+                       score_mode=self.fusion.score, selection=sel, align=align, fast=self.fusion.fast_paths)
         runs.append(run)
         return run
 
-    def _raw_steps(self, req, cancel, stats, runs) -> Iterator[loop.RawStep]:
+    def _raw_steps(self, req, cancel, stats, runs, sel) -> Iterator[loop.RawStep]:
         if req.model in (RERANK, COOL_RERANK):
-            yield self._rerank(req, cancel, stats, runs)
+            yield self._rerank(req, cancel, stats, runs, sel)
             return
-        run = self._open(self._participants(req.model), req, cancel, stats, runs,
+        run = self._open(self._participants(req.model), req, cancel, stats, runs, sel,
                          align=req.model == COOL)  # else each proposer's own boundaries
         yield from loop.segments(run)
 
@@ -238,12 +259,13 @@ class Engine:
             finish = step.finish_reason
         return "".join(text), finish
 
-    def _judge(self, req, text, eos, cancel, stats, runs) -> Candidate:
-        """Every source model's PPL of a whole output after the prompt (paper Table 3, row 1)."""
-        run = self._open(self.workers, req, cancel, stats, runs)
+    def _judge(self, req, text, eos, cancel, stats, runs, sel) -> Candidate:
+        """Every source model's PPL of a whole output after the prompt (paper Table 3, row 1),
+        and its score under the request's selection rule."""
+        run = self._open(self.workers, req, cancel, stats, runs, sel)
         return loop.rerank(run, [(text, eos, (req.model,))]).candidates[0]
 
-    def _rerank(self, req, cancel, stats, runs) -> loop.RawStep:
+    def _rerank(self, req, cancel, stats, runs, sel) -> loop.RawStep:
         """Each source model (and, for Cool+Rerank, Cool) writes a whole answer, then every
         model scores every answer. The answers are written concurrently on threads of their
         own: the shared pool serves only per-phase worker calls, which never nest."""
@@ -261,5 +283,5 @@ class Engine:
         conts = [(text, finish == "stop", (m,)) for m, (text, finish) in zip(ids, outs)]
         if cancel is not None and cancel.is_set():
             raise Cancelled("generation cancelled")
-        run = self._open(self.workers, req, cancel, stats, runs)
+        run = self._open(self.workers, req, cancel, stats, runs, sel)
         return loop.rerank(run, conts)

@@ -249,12 +249,11 @@ class LocalWorker:
         todo = []  # (index, target, p)
         for i, (text, eos) in enumerate(candidates):
             target, p = self._candidate_ids(st, text, eos, end_id)
-            own = st.proposal
-            if (self.fast and own is not None and own.text == text and own.eos == eos and own.n_tokens is not None
+            own = st.proposal  # its log-probs cover its text (an end token's needs a block)
+            if (self.fast and not eos and own is not None and own.text == text and own.n_tokens is not None
                     and p == base and target[base:] == st.ids[base : base + own.n_tokens]):
-                if not eos:  # an end token's log-prob needs the state after the text: a block
-                    nlls.append([-x for x in own.logprobs])
-                    continue
+                nlls.append([-x for x in own.logprobs])
+                continue
             nlls.append(None)
             todo.append((i, target, p))
         if todo:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 from .errors import Cancelled
+from .selection import Selection
 from .types import Candidate, Stats
 from .worker_protocol import Proposal, Worker
 
@@ -41,6 +42,7 @@ class Run:
     max_segment_tokens: int
     stats: Stats
     score_mode: str = "mean_nll"
+    selection: Selection = Selection()  # how the models' perplexities choose the winner
     align: bool = True  # False: Cool-align ablation, proposals end at their own word boundary
     fast: bool = True  # False: score even when every proposal agrees (the reference path)
 
@@ -89,23 +91,41 @@ def assess(run: Run, proposals: list[Proposal]) -> list[Candidate]:
 
 
 def _scored(run: Run, keys: dict[tuple[str, bool], list[str]]) -> list[Candidate]:
-    """Every model scores every (text, eos) candidate in one batched pass; mean PPL each."""
+    """Every model scores every (text, eos) candidate in one batched pass (an ending as the
+    selection's end rule says); each candidate's score combines the models that voted."""
     cands = list(keys)
+    sel = run.selection
     ends = {w.name: e for w, e in zip(run.workers, run.end_ids)}
-    ppls = _timed(run, "score", lambda w, s: w.score(s, cands, end_id=ends[w.name], mode=run.score_mode))
+
+    def score(w, s) -> list[float | None]:
+        asks = [_asked(sel, w.name, text, eos) for text, eos in cands]  # what w scores per candidate
+        distinct = list(dict.fromkeys(a for a in asks if a is not None))
+        ppl = dict(zip(distinct, w.score(s, distinct, end_id=ends[w.name], mode=run.score_mode))) if distinct else {}
+        return [None if a is None else ppl[a] for a in asks]
+
+    ppls = _timed(run, "score", score)
     out = []
     for j, (text, eos) in enumerate(cands):
-        ppl = {w.name: ppls[i][j] for i, w in enumerate(run.workers)}
-        out.append(Candidate(text, tuple(keys[(text, eos)]), eos, ppl, sum(ppl.values()) / len(ppl)))
+        ppl = {w.name: ppls[i][j] for i, w in enumerate(run.workers) if ppls[i][j] is not None}
+        mean = sum(ppl.values()) / len(ppl) if ppl else None
+        out.append(Candidate(text, tuple(keys[(text, eos)]), eos, ppl, mean, sel.combine(ppl)))
     return out
 
 
+def _asked(sel: Selection, model: str, text: str, eos: bool) -> tuple[str, bool] | None:
+    """The (text, with-end-token) pair `model` scores for a candidate; None: it does not vote."""
+    if not eos:
+        return (text, False)
+    with_end = sel.scores_end(model, text)
+    return None if with_end is None else (text, with_end)
+
+
 def select(cands: list[Candidate]) -> Candidate:
-    """argmin of mean PPL (Eq. 3); ties go to the earlier proposer (candidates are in config
-    order of their first proposer)."""
+    """argmin of the selection rule's score (Eq. 3 by default); ties go to the earlier proposer
+    (candidates are in config order of their first proposer)."""
     if len(cands) == 1:
         return cands[0]
-    return min(cands, key=lambda c: c.mean_ppl)  # min keeps the first of equal keys
+    return min(cands, key=lambda c: c.score)  # min keeps the first of equal keys
 
 
 def commit(run: Run, winner: Candidate) -> None:
@@ -129,7 +149,7 @@ def segments(run: Run):
 
 
 def rerank(run: Run, continuations: list[tuple[str, bool, tuple[str, ...]]]) -> RawStep:
-    """Every model scores every whole continuation from the prompt; lowest mean PPL wins.
+    """Every model scores every whole continuation from the prompt; the lowest score wins.
     `continuations` are (text, eos, proposed_by) in tie-break order."""
     merged: dict[tuple[str, bool], list[str]] = {}
     for text, eos, by in continuations:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .selection import SelectionRequest
+
 # Model ids of the fused variants (docs/architecture.md, section 1).
 COOL = "cool-fusion"
 COOL_RERANK = "cool-fusion-rerank"
@@ -43,6 +45,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     trace: bool = False
     judge: bool = False  # score the whole output with every source model (last Step.judge)
+    selection: SelectionRequest = SelectionRequest()  # `fusion.select` etc.; unset: the config's
 
 
 @dataclass(frozen=True)
@@ -52,8 +55,9 @@ class Candidate:
     text: str
     proposed_by: tuple[str, ...]
     eos: bool = False
-    ppl: dict[str, float] = field(default_factory=dict)  # model name -> perplexity
+    ppl: dict[str, float] = field(default_factory=dict)  # model name -> perplexity (models that voted)
     mean_ppl: float | None = None  # None when scoring was skipped (all proposals agreed)
+    score: float | None = None  # the selection rule's combined score (fusion.selection); lowest wins
 
 
 FinishReason = Literal["stop", "length"]
@@ -91,3 +95,4 @@ class Step:
     completion_tokens: int = 0  # reference-tokenizer tokens of the whole output so far
     prompt_tokens: int = 0  # reference-tokenizer tokens of the prompt
     judge: Candidate | None = None  # on the last step of a `judge` request: the whole output's PPLs
+    selection: dict | None = None  # the rule that chose (`Selection.describe()`), on traced fused steps

@@ -7,11 +7,15 @@ The fusion trace (request `"fusion": {"trace": true}`): a non-streamed response 
 choice (n > 1 or a list of prompts), every choice also carries its own `fusion_trace`.
 In a stream every content chunk carries its step as `fusion_step`. A step is
 `{"text", "winner", "eos", "candidates": [{"text", "proposed_by", "eos", "ppl": {model: value},
-"mean_ppl"}]}`; a perplexity that is not finite is sent as null (`server.errors.dumps`).
+"mean_ppl", "score"}], "selection": {"rule", "weights"}}`: `ppl` holds the models that voted,
+`score` the selection rule's combination of them (the winner has the lowest), `selection`
+the rule (fused ids only; `weights` for `weighted`). A perplexity that is not finite is sent
+as null (`server.errors.dumps`).
 
 With `"fusion": {"judge": true}` every source model scores the whole answer after the
 prompt: each choice (and, in a stream, the chunk that carries finish_reason) gets
-`fusion_judge = {"ppl": {model: value}, "mean_ppl"}` (the paper's Table 3, first row).
+`fusion_judge = {"ppl": {model: value}, "mean_ppl", "score", "selection"}` (the paper's
+Table 3, first row; `score` under the request's selection rule).
 """
 
 from __future__ import annotations
@@ -52,6 +56,14 @@ class TraceCandidate(BaseModel):
     eos: bool
     ppl: dict[str, float | None]  # a perplexity that is not finite is sent as null
     mean_ppl: float | None
+    score: float | None = None  # the selection rule's combined score (lowest wins)
+
+
+class Selection(BaseModel):
+    """The rule that chose (fusion/selection.py): `weights` only for `weighted`."""
+
+    rule: str
+    weights: dict[str, float] | None = None
 
 
 class TraceStep(BaseModel):
@@ -59,11 +71,14 @@ class TraceStep(BaseModel):
     winner: str
     eos: bool
     candidates: list[TraceCandidate]
+    selection: Selection | None = None  # fused ids: the rule and weights of every decision
 
 
 class Judge(BaseModel):
     ppl: dict[str, float | None]
     mean_ppl: float | None
+    score: float | None = None  # under the request's selection rule
+    selection: Selection | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -202,9 +217,11 @@ def _wire(m: BaseModel) -> dict[str, Any]:
 
 
 def trace_step(step: Step) -> TraceStep:
+    extra = {"selection": Selection(**step.selection)} if step.selection is not None else {}
     return TraceStep(text=step.text, winner=step.winner, eos=step.eos, candidates=[
-        TraceCandidate(text=c.text, proposed_by=list(c.proposed_by), eos=c.eos, ppl=dict(c.ppl), mean_ppl=c.mean_ppl)
-        for c in step.candidates])
+        TraceCandidate(text=c.text, proposed_by=list(c.proposed_by), eos=c.eos, ppl=dict(c.ppl), mean_ppl=c.mean_ppl,
+                       score=c.score)
+        for c in step.candidates], **extra)
 
 
 def judge_of(steps) -> Judge | None:
@@ -212,7 +229,9 @@ def judge_of(steps) -> Judge | None:
     j = getattr(last, "judge", None)
     if j is None:
         return None
-    return Judge(ppl={k: _finite(v) for k, v in j.ppl.items()}, mean_ppl=_finite(j.mean_ppl))
+    extra = {"selection": Selection(**last.selection)} if last.selection is not None else {}
+    return Judge(ppl={k: _finite(v) for k, v in j.ppl.items()}, mean_ppl=_finite(j.mean_ppl),
+                 score=_finite(j.score), **extra)
 
 
 def _finite(v):

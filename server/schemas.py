@@ -7,8 +7,8 @@ accepted. Fields that change nothing here (`user`, `metadata`, `store`, `service
 `parallel_tool_calls`, ...) are accepted, and so are fields OpenAI does not define
 (`extra="allow"`), as clients send many. README.md ("Request fields") lists them; a test
 goes through that list. Omitted sampling fields keep the engine's defaults (greedy). Our
-extension: `"fusion": {"trace": true}`; other keys in `fusion` (e.g. a future `variant`)
-are accepted.
+extension: `"fusion": {"trace": true, "judge": true, "select": ..., "weights": ...,
+"end_scoring": ..., "score_end": ...}`; other keys in `fusion` are accepted.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from fusion import limits
+from fusion.selection import SelectionRequest
 from fusion.types import COOL, GenerationRequest, Message
 
 from .errors import UNSUPPORTED_PARAMETER
@@ -36,11 +37,20 @@ def _valid_text(s: str) -> str:
 
 
 class FusionOptions(BaseModel):
-    """Our extension object; unknown keys are kept for later versions."""
+    """Our extension object; unknown keys are kept for later versions. The selection keys
+    override the config's `fusion` section for this request (fusion/selection.py); the
+    engine checks their values (400 naming `fusion.<key>`)."""
 
     model_config = _OPEN
     trace: bool = False
     judge: bool = False  # score the whole answer with every source model (`fusion_judge`)
+    select: str | None = None  # mean_ppl | geo_mean_ppl | max_ppl | min_ppl | weighted
+    weights: dict[str, float] | Literal["auto"] | None = None  # with select: weighted
+    end_scoring: str | None = None  # end_token | text
+    score_end: dict[str, bool] | None = None  # {model: false}: its end predictions do not count
+
+    def selection(self) -> SelectionRequest:
+        return SelectionRequest(self.select, self.weights, self.end_scoring, self.score_end)
 
 
 class StreamOptions(BaseModel):
@@ -130,6 +140,8 @@ class _Common(BaseModel):
         """Keyword arguments for GenerationRequest; omitted fields keep the engine's defaults."""
         kw: dict[str, Any] = {"model": self.model, "stop": self.stop_tuple(), "trace": self.wants_trace,
                               "judge": bool(self.fusion and self.fusion.judge)}
+        if self.fusion is not None:
+            kw["selection"] = self.fusion.selection()
         for name in ("temperature", "top_p", "seed"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)

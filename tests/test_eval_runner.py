@@ -7,6 +7,7 @@ in-process (uvicorn on a free loopback port); no model is loaded.
 
 import io
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from fastapi import Body, FastAPI
 from fastapi.responses import JSONResponse
 
 from evaluation import cli
+from evaluation.columns import Column
 from evaluation.report import PPL_ROW, build_report, write_report
 from evaluation.runner import ResultsMismatch, answer_ppl, find_trace, load_results, run_task
 from evaluation.tasks import load_task
@@ -335,3 +337,62 @@ def test_report_only_orders_models_as_the_run_did_whatever_order_answers_landed_
     landed = [{"model": "wrong", "column": 1}, {"model": "oracle", "column": 0}, {"model": "wrong", "column": 1}]
     assert models_in_column_order(landed) == ["oracle", "wrong"]
     assert models_in_column_order([{"model": "b"}, {"model": "a"}]) == ["b", "a"]  # older files: as they appear
+
+
+# ---------------------------------------------------------------- columns with fusion settings
+
+
+def test_column_labels_split_into_a_model_id_and_fusion_settings():
+    from evaluation.columns import parse_column, split_columns
+
+    assert parse_column("cool-fusion") == Column("cool-fusion", "cool-fusion")
+    assert parse_column("cool-fusion:geo_mean_ppl").fusion == {"select": "geo_mean_ppl"}
+    assert parse_column("cool-fusion:select=weighted+weights=auto").fusion == {"select": "weighted", "weights": "auto"}
+    c = parse_column('cool-fusion:{"score_end": {"gemma3-270m": false}}')
+    assert (c.model, c.fusion) == ("cool-fusion", {"score_end": {"gemma3-270m": False}})
+    assert parse_column("org:model").model == "org:model"  # a ':' in a model name is not settings
+    assert parse_column("org:model:max_ppl").model == "org:model"
+    assert not parse_column("cool-fusion:max_ppl").is_source and parse_column("smollm2-135m").is_source
+    assert split_columns('a,b:{"weights": {"x": 1, "y": 2}, "select": "weighted"},a') == [
+        "a", 'b:{"weights": {"x": 1, "y": 2}, "select": "weighted"}']
+
+
+def test_a_columns_settings_go_in_every_requests_fusion_object_and_in_its_results(fake, tmp_path, capsys):
+    task = load_task("gsm8k")
+    _teach(fake, task, task.select(2))
+    fake.reset()
+    results = tmp_path / "c.jsonl"
+    argv = ["--task", "gsm8k", "--limit", "2", "--models", "oracle,oracle:max_ppl,wrong",
+            "--base-url", fake.root, "--results", str(results), "--no-progress"]
+    assert cli.main(argv) == 0
+    sent = [(b["model"], b.get("fusion", {}).get("select") or "") for b in fake.bodies]
+    assert sorted(sent) == sorted([("oracle", ""), ("oracle", "max_ppl"), ("wrong", "")] * 2)
+    lines = _lines(results)
+    assert {(r["model"], r["model_id"], json.dumps(r["fusion"])) for r in lines} == {
+        ("oracle", "oracle", "{}"), ("oracle:max_ppl", "oracle", '{"select": "max_ppl"}'), ("wrong", "wrong", "{}")}
+    report = json.loads((tmp_path / "c.json").read_text())
+    assert report["models"] == ["oracle", "oracle:max_ppl", "wrong"]
+    assert report["baseline"] == "oracle"  # the better source model; oracle:max_ppl has settings
+    assert report["paired"]["accuracy"]["wrong"] == {"diff": -1.0, "se": 0.0, "n": 2}
+    assert "Δ accuracy vs oracle (± SE)" in capsys.readouterr().out
+
+
+def test_the_paired_difference_is_the_mean_per_item_difference_with_its_standard_error():
+    task = load_task("lambada")
+    items = task.select(4)
+
+    def rec(model, item, acc, finish="stop"):
+        return {"model": model, "item_id": item.id, "scores": {"accuracy": acc}, "ppl": None,
+                "latency_s": 0.1, "finish_reason": finish}
+
+    a, b = [1, 0, 1, 1], [1, 1, 0, 0]  # source a: 0.75, source b: 0.5; fused f below
+    f = [1, 1, 1, 0]
+    records = [rec("a", it, x) for it, x in zip(items, a)] + [rec("b", it, x) for it, x in zip(items, b)]
+    records += [rec("cool-fusion", it, x, "length") for it, x in zip(items, f)]
+    report = build_report(task, records, ["a", "b", "cool-fusion"], items)
+    assert report["baseline"] == "a"
+    d = [x - y for x, y in zip(f, a)]  # 0, 1, 0, -1: mean 0, sd sqrt(2/3)
+    p = report["paired"]["accuracy"]["cool-fusion"]
+    assert p["n"] == 4 and p["diff"] == pytest.approx(sum(d) / 4)
+    assert p["se"] == pytest.approx(math.sqrt(sum((x - sum(d) / 4) ** 2 for x in d) / 3) / 2)
+    assert report["columns"]["a"]["ended"] == 1.0 and report["columns"]["cool-fusion"]["ended"] == 0.0

@@ -19,10 +19,10 @@ TOK = byte_tokenizer()
 PROMPT = "Say:"
 
 
-def test_select_is_the_argmin_of_mean_ppl_and_ties_go_to_the_first_candidate():
-    a = Candidate("a", ("m0",), False, {"m0": 1.0, "m1": 3.0}, 2.0)
-    b = Candidate("b", ("m1",), False, {"m0": 3.0, "m1": 1.0}, 2.0)
-    c = Candidate("c", ("m2",), False, {"m0": 1.5, "m1": 2.0}, 1.75)
+def test_select_is_the_argmin_of_the_score_and_ties_go_to_the_first_candidate():
+    a = Candidate("a", ("m0",), False, {"m0": 1.0, "m1": 3.0}, 2.0, 2.0)
+    b = Candidate("b", ("m1",), False, {"m0": 3.0, "m1": 1.0}, 2.0, 2.0)
+    c = Candidate("c", ("m2",), False, {"m0": 1.5, "m1": 2.0}, 1.75, 1.75)
     assert loop.select([a, b]) is a  # a tie: the earlier proposer in config order
     assert loop.select([b, a]) is b
     assert loop.select([a, b, c]) is c
