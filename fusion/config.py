@@ -77,7 +77,9 @@ class FusionConfig(BaseModel):
     select: Literal["mean_ppl", "geo_mean_ppl", "max_ppl", "min_ppl", "weighted"] = "mean_ppl"
     weights: dict[str, float] | Literal["auto"] = {}  # per model, for select: weighted (default 1)
     auto_temperature: float = Field(default=1.0, gt=0)  # T of `weights: auto`
-    end_scoring: Literal["end_token", "text"] = "end_token"  # how a candidate that ends the turn is scored
+    # how a candidate that ends the turn is scored; `text` (the paper's reading) by measurement:
+    # README "Selection rules", ending a turn
+    end_scoring: Literal["end_token", "text"] = "text"
     score_end: dict[str, bool] = {}  # per model: false = its end predictions do not count
 
     def selection_request(self):

@@ -136,7 +136,15 @@ class Engine:
     # ---- checks ----------------------------------------------------------------------------
 
     def _auto_weights(self, req: GenerationRequest) -> dict[str, float]:
-        raise NotImplementedError
+        """`weights: auto`: each model's total NLL of its own prompt tokens (after the first),
+        from an exact full forward, per reference-tokenizer prompt token (fusion.selection)."""
+        def nll(w: Worker) -> float:
+            ids = self.prompt_ids(w, req)
+            return -sum(lp for lp, _ in w.sequence_logprobs(ids)) if len(ids) > 1 else 0.0
+
+        per = list(self._pool.map(nll, self.workers)) if self._pool is not None else [nll(w) for w in self.workers]
+        n = len(self.prompt_ids(self.workers[0], req))
+        return selection.auto_weights(dict(zip(self.source_names, per)), n, self.fusion.auto_temperature)
 
     def _participants(self, model: str) -> list[Worker]:
         if model in VARIANTS:

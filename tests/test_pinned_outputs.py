@@ -3,7 +3,9 @@
 tests/data/pinned_outputs.json holds, for each request of `pinned_requests.REQUESTS`, the
 text, the winner of every segment, the number of candidates per segment, the finish reason
 and the token count that the engine gave at the commit named in the file. A change meant to
-keep behaviour (a refactor, a speed-up) must reproduce them byte for byte.
+keep behaviour (a refactor, a speed-up) must reproduce them byte for byte. They were recorded
+when endings were always scored with each model's end token, so the requests say
+`end_scoring: end_token` (the default is now `text`, issue 17).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 from pinned_requests import REQUESTS
 
+from fusion.selection import SelectionRequest
 from fusion.types import GenerationRequest, Message
 
 PINNED = json.loads((Path(__file__).parent / "data" / "pinned_outputs.json").read_text())["outputs"]
@@ -25,7 +28,7 @@ def _request(spec: dict) -> GenerationRequest:
         kw["messages"] = tuple(Message(**m) for m in kw["messages"])
     if "stop" in kw:
         kw["stop"] = tuple(kw["stop"])
-    return GenerationRequest(trace=True, **kw)
+    return GenerationRequest(trace=True, selection=SelectionRequest(end_scoring="end_token"), **kw)
 
 
 def test_the_pinned_file_covers_every_pinned_request():

@@ -120,3 +120,29 @@ def test_the_http_trace_records_the_rule_weights_and_scores(base_url):
     for s in steps:
         for c in s["candidates"]:
             assert c["score"] == pytest.approx(sel.combine(c["ppl"]))
+
+
+def test_auto_weights_follow_packllm_sim_from_an_independent_full_forward_of_the_prompt(engine):
+    import math
+
+    import torch
+
+    req = GenerationRequest(prompt=PROMPT, max_tokens=16, trace=True,
+                            selection=SelectionRequest(select="weighted", weights="auto"))
+    steps = list(engine.generate(req))
+    got = steps[0].selection["weights"]
+    nll = {}
+    for w in engine.workers:
+        ids = engine.prompt_ids(w, req)
+        with torch.inference_mode():
+            logits = w.loaded.model(input_ids=torch.tensor([ids])).logits[0].float()  # no cache
+        logp = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])
+        nll[w.name] = -float(logp.sum())
+    n = len(engine.prompt_ids(engine.workers[0], req))
+    t = engine.fusion.auto_temperature
+    z = sum(math.exp(-v / n / t) for v in nll.values())
+    for name, v in nll.items():
+        assert got[name] == pytest.approx(math.exp(-v / n / t) / z, rel=1e-4)
+    sel = Selection("weighted", got)
+    for s in scored(steps):
+        assert s.winner == min(s.candidates, key=lambda c: sel.combine(c.ppl)).proposed_by[0]

@@ -432,6 +432,15 @@
     return el("span", { class: "chip", style: { "--c": colorOf(name) } }, el("i", { class: "dot", style: { "--c": colorOf(name) } }), name, extra || null);
   }
 
+  // the selection rule of a traced step (README "Selection rules"); older servers: the paper's mean
+  function ruleName(step) {
+    return (step.selection && step.selection.rule) || "mean_ppl";
+  }
+
+  function scoreOf(c) {
+    return c.score != null ? c.score : c.mean_ppl;
+  }
+
   function renderPopover(info) {
     const { step, index, by } = info;
     const cands = step.candidates || [];
@@ -454,7 +463,8 @@
     const thead = el("tr", {}, el("th", { text: "" }), el("th", { text: "candidate" }), el("th", { text: "proposed by" }),
       ...models.map((m) => el("th", { class: "num", title: `perplexity of the candidate under ${m}` },
         el("i", { class: "dot", style: { "--c": colorOf(m) } }), `ppl ${m}`)),
-      scored ? el("th", { class: "num", text: "mean" }) : null);
+      scored ? el("th", { class: "num", text: ruleName(step) === "mean_ppl" ? "mean" : `score (${ruleName(step)})`,
+        title: "the selection rule's combination of the perplexities: the lowest wins" }) : null);
     const winner = cands.find((x) => (x.proposed_by || []).includes(step.winner));
     const rows = cands.map((c) => {
       const isWin = c === winner;
@@ -465,7 +475,7 @@
           ends ? el("span", { class: "badge eos", text: "ends", title: "this proposal also ends the answer" }) : null),
         el("td", { class: "by" }, ...(c.proposed_by || []).map((n) => chip(n))),
         ...models.map((m) => el("td", { class: "num mono", text: m in (c.ppl || {}) ? fmtPpl(c.ppl[m]) : "—" })),
-        scored ? el("td", { class: "num mono mean", text: c.mean_ppl == null && !Object.keys(c.ppl || {}).length ? "—" : fmtPpl(c.mean_ppl) }) : null);
+        scored ? el("td", { class: "num mono mean", text: scoreOf(c) == null && !Object.keys(c.ppl || {}).length ? "—" : fmtPpl(scoreOf(c)) }) : null);
     });
     parts.push(el("div", { class: "pop-table" }, el("table", { class: "cands" }, el("thead", {}, thead), el("tbody", {}, ...rows))));
     if (!scored) {
@@ -473,7 +483,9 @@
         ? "Every model proposed this same text, so no scoring was needed (mean ppl: —)."
         : "A single model: nothing to compare (mean ppl: —)." }));
     } else {
-      parts.push(el("p", { class: "pop-note", text: "Perplexity of each candidate under each model; lowest mean wins (★)." }));
+      parts.push(el("p", { class: "pop-note", text: ruleName(step) === "mean_ppl"
+        ? "Perplexity of each candidate under each model; lowest mean wins (★)."
+        : `Perplexity of each candidate under each model; lowest score under ${ruleName(step)} wins (★).` }));
     }
     return parts;
   }
