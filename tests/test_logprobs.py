@@ -16,9 +16,9 @@ import httpx
 import pytest
 import torch
 
+from fusion.config import ServerConfig
 from fusion.errors import InvalidRequest
 from fusion.types import COOL, GenerationRequest
-from fusion.config import ServerConfig
 from server.app import create_app
 from server.testing import serve_in_thread, sse_data
 
