@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from . import batched_forward
+from . import batched_forward, logprobs
 from .batched_forward import Item
 from .errors import ContextLengthExceeded, Overloaded
 from .runner import Runner
@@ -131,9 +131,15 @@ class BatchedRunner:
 
     def fresh_logits(self, ids: list[int]) -> torch.Tensor:
         """Next-token logits after `ids` from a full forward without any cache."""
-        with torch.inference_mode():
+        with self._runner.model_lock, torch.inference_mode():
             out = self.model(input_ids=torch.tensor([ids], device=self.device))
         return out.logits[0, -1].float()  # (V,)
+
+    def sequence_logprobs(self, ids: list[int], top: int = 0) -> list[logprobs.Row]:
+        """As `ModelRunner.sequence_logprobs`: a full forward without any cache, between the
+        runner thread's batched forwards (it holds the runner's model lock)."""
+        with self._runner.model_lock:
+            return logprobs.of_sequence(self.model, self.device, ids, top)
 
     def shutdown(self) -> None:
         self._runner.stop()

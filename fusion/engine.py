@@ -8,7 +8,8 @@
 `stats` say where the time went). Token counts (`max_tokens`, `usage`) use a reference
 tokenizer: the model's own for a source-model id, the first configured model's for the
 fused variants. Checks live in `fusion.validation`, stop strings and `max_tokens` in
-`fusion.output`, the loop in `fusion.loop`; this module only orchestrates them.
+`fusion.output`, the loop in `fusion.loop`, log-probs (`logprobs`, `echo`) in
+`fusion.likelihood`; this module only orchestrates them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Iterator, Sequence
 
-from . import chat, loop, output, selection, validation
+from . import chat, likelihood, loop, output, selection, validation
 from .config import Config, FusionConfig
 from .errors import Cancelled, UnknownModel
 from .loading import LoadedModel
@@ -65,6 +66,7 @@ class Engine:
             if self.fusion.parallel and self.fusion.fast_paths and len(workers) > 1 else None
         self._active = 0
         self._active_lock = threading.Lock()
+        self.alternatives = likelihood.Alternatives()  # the fused ids' top alternatives, by prefix
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -142,11 +144,12 @@ class Engine:
             ids = self.prompt_ids(w, req)
             return -sum(lp for lp, _ in w.sequence_logprobs(ids)) if len(ids) > 1 else 0.0
 
-        per = list(self._pool.map(nll, self.workers)) if self._pool is not None else [nll(w) for w in self.workers]
+        per = self.each_worker(nll, self.workers)
         n = len(self.prompt_ids(self.workers[0], req))
         return selection.auto_weights(dict(zip(self.source_names, per)), n, self.fusion.auto_temperature)
 
-    def _participants(self, model: str) -> list[Worker]:
+    def participants(self, model: str) -> list[Worker]:
+        """The source models that model id `model` runs (UnknownModel if there is none)."""
         if model in VARIANTS:
             return self.workers
         if model in self._by_name:
@@ -154,21 +157,38 @@ class Engine:
         raise UnknownModel(f"The model {model!r} does not exist; available: {', '.join(self.model_ids())}",
                            param="model")
 
-    def _resolved(self, req: GenerationRequest) -> GenerationRequest:
-        return req if req.max_tokens is not None else replace(req, max_tokens=self.default_max_tokens)
+    def reference(self, model: str) -> Worker:
+        """The model whose tokens count `max_tokens` and `usage`, whose ids a token-id prompt
+        holds, and on whose tokens log-probs are reported: the first configured model for the
+        fused ids, the model itself for a source-model id."""
+        return self.participants(model)[0]
+
+    def _resolved(self, req: GenerationRequest, where: str = "prompt") -> GenerationRequest:
+        """`max_tokens` defaulted, and a token-id prompt checked and given its text."""
+        if req.max_tokens is None:
+            req = replace(req, max_tokens=self.default_max_tokens)
+        if req.prompt_ids is not None and req.prompt is None:
+            ref = self.reference(req.model)
+            validation.check_token_ids(req.prompt_ids, len(ref.text.tokenizer), ref.name, where)
+            req = replace(req, prompt=ref.text.decode(list(req.prompt_ids), skip_special=True))
+        return req
 
     def prompt_ids(self, w: Worker, req: GenerationRequest) -> list[int]:
-        """Model `w`'s tokens of the request's prompt (its own chat template for messages)."""
+        """Model `w`'s tokens of the request's prompt (its own chat template for messages; the
+        client's ids themselves for the reference model of a token-id prompt)."""
+        if req.prompt_ids is not None and w is self.reference(req.model):
+            return list(req.prompt_ids)
         if req.messages is not None:
             text = chat.render(req.messages, self.templates.get(w.name), w.text.tokenizer, w.name)
             return w.text.encode(text, special=False)
         return w.text.encode(req.prompt, special=True)
 
-    def check(self, req: GenerationRequest) -> int:
-        """Validate a request before any work; return its prompt tokens (reference tokenizer)."""
-        workers = self._participants(req.model)
-        req = self._resolved(req)
-        validation.check_fields(req)
+    def check(self, req: GenerationRequest, where: str = "prompt") -> int:
+        """Validate a request before any work; return its prompt tokens (reference tokenizer).
+        `where` names a token-id prompt in errors (e.g. "prompt[2]" of a list of prompts)."""
+        workers = self.participants(req.model)
+        req = self._resolved(req, where)
+        validation.check_fields(req, fused=req.model in VARIANTS)
         selection.check(req.selection, self.source_names, self.fusion.select)
         counts = []
         for w in workers:
@@ -199,14 +219,25 @@ class Engine:
             self._active += 1
         runs: list[loop.Run] = []
         try:
+            scores = likelihood.Likelihood(self, req, cancel) if req.logprobs is not None else None
+            echo = req.prompt if req.echo else ""
+            if req.max_tokens == 0:  # echo only: the prompt scored, nothing generated
+                yield Step("", req.model, False, (), "length", 0, prompt_tokens,
+                           logprobs=scores.step("") if scores else (), echo=echo)
+                return
             sel = self.selection_for(req)
             rule = sel.describe() if req.model in VARIANTS else None
             raw = self._raw_steps(req, cancel, stats, runs, sel)
             text = ""
-            for step in output.finish(raw, req, self._reference(req).text, prompt_tokens, cancel):
+            for step in output.finish(raw, req, self.reference(req.model).text, prompt_tokens, cancel):
                 text += step.text
                 if step.finish_reason is not None and req.judge:
                     step = replace(step, judge=self._judge(req, text, step.eos, cancel, stats, runs, sel))
+                if scores is not None:
+                    step = replace(step, logprobs=scores.step(text, step.eos, step.end_id,
+                                                              final=step.finish_reason is not None))
+                if echo:
+                    step, echo = replace(step, echo=echo), ""
                 yield replace(step, selection=rule) if rule is not None else step
         finally:
             for r in runs:
@@ -220,7 +251,7 @@ class Engine:
         and tools. The caller closes it: `run.close()` frees every KV cache."""
         req = self._resolved(req)
         self.check(req)
-        return self._open(self._participants(req.model), req, cancel, Stats(), [], self.selection_for(req),
+        return self._open(self.participants(req.model), req, cancel, Stats(), [], self.selection_for(req),
                           align=req.model == COOL)
 
     def selection_for(self, req: GenerationRequest) -> selection.Selection:
@@ -237,8 +268,11 @@ class Engine:
         return selection.Selection(rule, dict(weights), r.end_scoring or f.end_scoring,
                                    frozenset(m for m, counts in score_end.items() if not counts))
 
-    def _reference(self, req: GenerationRequest) -> Worker:
-        return self.workers[0] if req.model in VARIANTS else self._by_name[req.model]
+    def each_worker(self, fn, workers: Sequence[Worker]) -> list:
+        """fn(worker) for each of `workers`, in parallel on the engine's pool when it has one."""
+        if self._pool is None or len(workers) == 1:
+            return [fn(w) for w in workers]
+        return [f.result() for f in [self._pool.submit(fn, w) for w in workers]]
 
     def _open(self, workers, req, cancel, stats, runs, sel, *, align=True) -> loop.Run:
         states, ends = [], []
@@ -255,7 +289,7 @@ class Engine:
         if req.model in (RERANK, COOL_RERANK):
             yield self._rerank(req, cancel, stats, runs, sel)
             return
-        run = self._open(self._participants(req.model), req, cancel, stats, runs, sel,
+        run = self._open(self.participants(req.model), req, cancel, stats, runs, sel,
                          align=req.model == COOL)  # else each proposer's own boundaries
         yield from loop.segments(run)
 
@@ -277,17 +311,21 @@ class Engine:
         """Each source model (and, for Cool+Rerank, Cool) writes a whole answer, then every
         model scores every answer. The answers are written concurrently on threads of their
         own: the shared pool serves only per-phase worker calls, which never nest."""
-        single = replace(req, trace=False, judge=False)
+        single = replace(req, trace=False, judge=False, logprobs=None, echo=False)
+
+        def answer(m: str) -> GenerationRequest:  # a token-id prompt holds the reference model's ids
+            same_ids = self.reference(m) is self.reference(req.model)
+            return replace(single, model=m, prompt_ids=req.prompt_ids if same_ids else None)
+
         ids = list(self.source_names) + ([COOL] if req.model == COOL_RERANK else [])
         if self._pool is not None:
             with ThreadPoolExecutor(max_workers=len(self.source_names), thread_name_prefix="cf-rerank") as ex:
-                futures = [ex.submit(self.complete_text, replace(single, model=m), cancel)
-                           for m in self.source_names]
+                futures = [ex.submit(self.complete_text, answer(m), cancel) for m in self.source_names]
                 outs = [f.result() for f in futures]
             if req.model == COOL_RERANK:  # uses every worker: after the single answers
-                outs.append(self.complete_text(replace(single, model=COOL), cancel))
+                outs.append(self.complete_text(answer(COOL), cancel))
         else:
-            outs = [self.complete_text(replace(single, model=m), cancel) for m in ids]
+            outs = [self.complete_text(answer(m), cancel) for m in ids]
         conts = [(text, finish == "stop", (m,)) for m, (text, finish) in zip(ids, outs)]
         if cancel is not None and cancel.is_set():
             raise Cancelled("generation cancelled")

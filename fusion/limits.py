@@ -14,3 +14,6 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64, as OpenAI clients send it
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # prompts x n in one HTTP request
 ROLES = ("system", "user", "assistant")  # roles the engine renders (the API maps developer -> system)
+MAX_LOGPROBS = 5  # top alternatives per token on /v1/completions (OpenAI's legacy limit)
+MAX_TOP_LOGPROBS = 20  # top alternatives per token on /v1/chat/completions (OpenAI's limit)
+MAX_FUSED_LOGPROBS = 1  # for the fused ids: each alternative costs one fused generation (fusion.likelihood)

@@ -198,7 +198,7 @@ class LocalWorker:
             if tok in self.text.end_ids:
                 text = self.text.decode(toks)
                 whole = not text.endswith(REPLACEMENT)
-                prop = Proposal(_complete(text), True, len(toks) if whole else None, logps)
+                prop = Proposal(_complete(text), True, len(toks) if whole else None, logps, end_id=tok)
                 break
             toks.append(tok)
             logps.append(lp)
@@ -331,6 +331,10 @@ class LocalWorker:
     def fresh_logits(self, st: State) -> torch.Tensor:
         """Next-token logits from a fresh prefill of `ids` without any cache (for tests)."""
         return self.runner.fresh_logits(st.ids)
+
+    def sequence_logprobs(self, ids: list[int], top: int = 0) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+        """Exact log-probs of `ids` (and the `top` alternatives) from a full forward, no cache."""
+        return self.runner.sequence_logprobs(list(ids), top)
 
     def _retokenize(self, st: State, text: str) -> tuple[int, list[int], list[int]]:
         return self.text.retokenize_tail(st.g_text, st.g_ids, st.g_starts, text, fast=self.fast)

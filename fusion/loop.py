@@ -28,6 +28,7 @@ class RawStep:
     eos: bool
     candidates: tuple[Candidate, ...]
     end: Literal["eos", "context_full"] | None = None  # why the loop stops after this step
+    end_id: int | None = None  # with eos: the end token its first proposer decoded
 
 
 @dataclass
@@ -143,7 +144,8 @@ def segments(run: Run):
         if not win.eos:
             commit(run, win)
         end = "eos" if win.eos else "context_full" if run.context_full() else None
-        yield RawStep(win.text, win.proposed_by[0], win.eos, tuple(cands), end)
+        end_id = proposals[[w.name for w in run.workers].index(win.proposed_by[0])].end_id if win.eos else None
+        yield RawStep(win.text, win.proposed_by[0], win.eos, tuple(cands), end, end_id)
         if end is not None:
             return
 

@@ -3,7 +3,8 @@
 A runner owns one model and the KV storage of the requests it serves, and runs every
 forward a worker needs: feed tokens after a request's cache (decode, prefill, or candidate
 blocks side by side, each at its own positions and seeing only the committed prefix and
-itself), and a full forward without cache (the tests' reference). It is the one place that
+itself), and a full forward without cache (the tests' reference, and `sequence_logprobs`:
+the exact log-probs that `logprobs`/`echo` report). It is the one place that
 knows how to call a transformers model and how to lay out its attention mask; the worker
 (`fusion.local_worker`) decides what to feed, in terms of tokens, positions and blocks only,
 and edits a request's cache only through `crop` and `move`.
@@ -20,7 +21,7 @@ import threading
 
 import torch
 
-from . import kvcache
+from . import kvcache, logprobs
 
 
 def make_runner(model, device: torch.device, fusion=None, name: str = "model"):
@@ -105,6 +106,11 @@ class ModelRunner:
             out = self.model(input_ids=torch.tensor([ids], device=self.device))
         return out.logits[0, -1].float()  # (V,)
 
+    def sequence_logprobs(self, ids: list[int], top: int = 0) -> list[logprobs.Row]:
+        """log p(ids[i] | ids[:i]) for i >= 1, with the `top` alternatives at each position."""
+        with self.lock:
+            return logprobs.of_sequence(self.model, self.device, ids, top)
+
     def block_mask(self, kv: int, blocks):
         """(1, 1, T, kv+T) additive mask for candidate blocks fed after `kv` cached tokens:
         block tokens see the committed prefix before their first position and their own
@@ -131,3 +137,4 @@ class ModelRunner:
             win = allow & (q_pos[:, None] - k_pos[None, :] < self._sliding)
             return {"full_attention": full, "sliding_attention": to_mask(win)}
         return full
+

@@ -45,8 +45,9 @@ def finish(raw: Iterable[RawStep], req: GenerationRequest, ref: TokenizerSide, p
         text = g[emitted:end]
         emitted = max(emitted, end)
         n = len(ids) if emitted == counted else len(ref.encode(g[:emitted]))  # encode once per step
-        yield Step(text, step.winner, step.eos and finish == "stop", step.candidates if req.trace else (),
-                   finish, min(n, req.max_tokens), prompt_tokens)
+        eos = step.eos and finish == "stop"
+        yield Step(text, step.winner, eos, step.candidates if req.trace else (),
+                   finish, min(n, req.max_tokens), prompt_tokens, end_id=step.end_id if eos else None)
         if finish is not None:
             return
 

@@ -115,6 +115,9 @@ class ModelActor:
         out = (self.worker.fresh_logits if fresh else self.worker.cached_logits)(st)
         return self._reply(rid, out.detach().cpu(), t0)
 
+    def sequence_logprobs(self, ids: list[int], top: int) -> list:
+        return self.worker.sequence_logprobs(ids, top)
+
     def open_requests(self) -> int:
         return len(self.states)
 

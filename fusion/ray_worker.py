@@ -251,6 +251,10 @@ class RayWorker:
     def fresh_logits(self, st: RemoteState) -> torch.Tensor:
         return self._call("logits", st.rid, True, st=st)
 
+    def sequence_logprobs(self, ids: list[int], top: int = 0) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+        """Exact log-probs of `ids`, computed in the actor (a full forward there, no cache)."""
+        return self._call("sequence_logprobs", list(ids), top)
+
     # ---- counters for the benchmark (each read is a remote call) ------------------------------
 
     @property

@@ -57,6 +57,7 @@ class Runner:
         self._queue: deque[tuple[Item, Future]] = deque()
         self._cv = threading.Condition()
         self._slot_lock = threading.Lock()  # alloc/free from any thread
+        self.model_lock = threading.Lock()  # held by every forward of this thread; others take it to call the model
         self._stop = False
         self.forwards = 0  # batched forwards run (for tests and metrics)
         self.items = 0  # items run in them
@@ -180,8 +181,9 @@ class Runner:
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
         try:
             single = all(len(it.tokens) == 1 for it, _ in batch)
-            outs = batched_forward.forward(self.model, self.storage, [it for it, _ in batch], layout=self.layout,
-                                           gqa=self.gqa, pad_to=self.pad_decode_to if single else 0)
+            with self.model_lock:
+                outs = batched_forward.forward(self.model, self.storage, [it for it, _ in batch], layout=self.layout,
+                                               gqa=self.gqa, pad_to=self.pad_decode_to if single else 0)
         except BaseException as err:  # noqa: BLE001 - isolate the item at fault
             if len(batch) == 1:
                 batch[0][1].set_exception(err)

@@ -11,7 +11,7 @@ import time
 from typing import Sequence
 
 from .errors import InvalidRequest
-from .words import WordStarts
+from .words import REPLACEMENT, WordStarts
 
 
 def end_tokens(name: str, tokenizer, generation_config=None, stop_tokens: Sequence[str] = ()) -> tuple[list[int], list[int]]:
@@ -61,11 +61,38 @@ class TokenizerSide:
         self.tok_seconds += time.perf_counter() - t
         return enc.ids, [s for s, _ in enc.offsets]
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], *, skip_special: bool = False) -> str:
         t = time.perf_counter()
-        text = self._backend.decode(ids, skip_special_tokens=False)
+        text = self._backend.decode(ids, skip_special_tokens=skip_special)
         self.tok_seconds += time.perf_counter() - t
         return text
+
+    def encode_with_ends(self, text: str, *, special: bool = False) -> tuple[list[int], list[int], list[int]]:
+        """Token ids of `text` with the char offsets where each starts and ends (special
+        tokens the tokenizer adds, e.g. a BOS, start and end at 0)."""
+        t = time.perf_counter()
+        enc = self._backend.encode(text, add_special_tokens=special)
+        self.tok_seconds += time.perf_counter() - t
+        return enc.ids, [s for s, _ in enc.offsets], [e for _, e in enc.offsets]
+
+    def text_of(self, ids: list[int]) -> tuple[str, list[int]]:
+        """The text a token-id prompt stands for (special tokens such as a BOS are not text)
+        and the char offset where each token ends in it: the decoded length of the tokens up
+        to it, held at the last complete character while a character is still incomplete."""
+        t = time.perf_counter()
+        ends, last = [], 0
+        for i in range(len(ids)):
+            part = self._backend.decode(ids[: i + 1], skip_special_tokens=True)
+            if not part.endswith(REPLACEMENT) or i == len(ids) - 1:
+                last = len(part)
+            ends.append(last)
+        text = self._backend.decode(ids, skip_special_tokens=True)
+        self.tok_seconds += time.perf_counter() - t
+        return text, ends
+
+    def token_text(self, tid: int) -> str:
+        """One token alone, as text (a special token as its name; a piece of a character as U+FFFD)."""
+        return self._backend.decode([tid], skip_special_tokens=False)
 
     def retokenize_tail(self, g_text: str, g_ids: list[int], g_starts: list[int], text: str,
                         *, fast: bool = True) -> tuple[int, list[int], list[int]]:

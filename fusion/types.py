@@ -32,10 +32,17 @@ class GenerationRequest:
 
     `model` is a variant id (VARIANTS) or a source model's config name.
     `max_tokens` counts tokens of the reference tokenizer (the first configured model's);
-    None means the engine's default (config `fusion.default_max_tokens`).
+    None means the engine's default (config `fusion.default_max_tokens`); 0 only with `echo`.
+
+    `prompt_ids`: a prompt given as token ids of the reference tokenizer of `model` (the
+    model's own for a source-model id); the engine fills `prompt` with their text, and the
+    reference model reads exactly these ids. `logprobs`: None for none, else every Step
+    carries the log-probs of its text with that many top alternatives (fusion.likelihood);
+    `echo`: the first Step also carries the prompt's (completions only).
     """
 
     prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
     messages: tuple[Message, ...] | None = None
     model: str = COOL
     max_tokens: int | None = None
@@ -46,6 +53,8 @@ class GenerationRequest:
     trace: bool = False
     judge: bool = False  # score the whole output with every source model (last Step.judge)
     selection: SelectionRequest = SelectionRequest()  # `fusion.select` etc.; unset: the config's
+    logprobs: int | None = None
+    echo: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,21 @@ class Candidate:
 
 
 FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token of a choice's text and its log-probability (fusion.likelihood).
+
+    `offset` is its character offset in the choice's text (the prompt first, with echo);
+    `logprob` is None for the first token of a prompt (it has no context); `top` holds the
+    requested most likely alternatives at this position, most likely first."""
+
+    token: str
+    logprob: float | None
+    offset: int
+    top: tuple[tuple[str, float], ...] | None = ()
+    token_id: int = -1
 
 
 @dataclass
@@ -96,3 +120,6 @@ class Step:
     prompt_tokens: int = 0  # reference-tokenizer tokens of the prompt
     judge: Candidate | None = None  # on the last step of a `judge` request: the whole output's PPLs
     selection: dict | None = None  # the rule that chose (`Selection.describe()`), on traced fused steps
+    end_id: int | None = None  # a single model's end token that ended the output (eos)
+    logprobs: tuple[TokenLogprob, ...] = ()  # with `logprobs`: the tokens of `echo` + `text`
+    echo: str = ""  # with `echo`, on the first step: the prompt's text

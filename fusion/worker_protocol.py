@@ -7,7 +7,9 @@ A worker serves one source model to many requests. Per request it holds an opaqu
     score(state, candidates) -> PPLs        commit(state, text, eos)        close(state)
 
 plus what the loop and the engine read: `seq_len(state)` (tokens the model holds for the
-request, lookahead included: the context check), `healthy`, and `shutdown()`. Only text and
+request, lookahead included: the context check), `healthy`, and `shutdown()`; and, outside any
+request state, `sequence_logprobs(ids, top)`: the exact per-token log-probs of a token
+sequence from a full forward without cache (`logprobs` / `echo`). Only text and
 numbers cross it, so the same loop drives in-process workers (`fusion.local_worker`) and Ray
 actors (`fusion.ray_worker`). Options are fixed when a worker is built (`WorkerOptions`),
 never set afterwards. See docs/architecture.md.
@@ -56,6 +58,7 @@ class Proposal:
     logprobs: list[float]  # log p of those tokens under the model (temperature 1)
     capped: bool = False  # ended by max_segment_tokens, not at a boundary
     starts: list[int] = field(default_factory=list)  # char offset in `text` where each token starts
+    end_id: int | None = None  # with eos: the end token the model decoded
 
 
 @runtime_checkable
@@ -90,5 +93,8 @@ class Worker(Protocol):
     def cached_logits(self, state: Any): ...  # next-token logits from the KV cache (tests)
 
     def fresh_logits(self, state: Any): ...  # the same from a full forward without cache (tests)
+
+    # log p(ids[i] | ids[:i]) for i >= 1 and the `top` most likely (id, log p) there; full forward, no cache
+    def sequence_logprobs(self, ids: list[int], top: int = 0) -> list[tuple[float, tuple[tuple[int, float], ...]]]: ...
 
     def shutdown(self) -> None: ...  # the engine is closing: release the model's resources

@@ -1,4 +1,10 @@
-"""The `coolfusion` command: `serve` (this package), plus `eval` and `bench` when installed.
+"""The `coolfusion` command: `serve` and `tokenizer` (this package), plus `eval` and `bench`
+when installed.
+
+`coolfusion tokenizer MODEL DIR` saves the tokenizer of a model id (a source model's own; the
+reference tokenizer, the first configured model's, for the fused ids) as a Hugging Face
+tokenizer directory, without loading weights: lm-eval's log-likelihood tasks need it
+(`tokenizer=DIR`) to send token ids and to find where a continuation starts.
 
 `coolfusion serve --config config.yaml` starts answering at once (/health is 503 while the
 models load in a background thread, then 200). Settings come from the config's `server:`
@@ -144,6 +150,41 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="a model id of /v1/models: a source model, or a fused id "
+                   "(its reference tokenizer: the first configured model's)")
+    p.add_argument("dir", metavar="DIR", help="directory to write (tokenizer.json, tokenizer_config.json, ...)")
+    p.add_argument("--config", default="config.yaml", help="configuration file (default: %(default)s)")
+
+
+def run_tokenizer(args: argparse.Namespace) -> int:
+    """Save the tokenizer a model id reads token-id prompts in, with the chat template the
+    server uses for it (no weights are loaded)."""
+    from fusion import chat
+    from fusion.config import load_config
+    from fusion.errors import ConfigError
+    from fusion.loading import load_tokenizer, resolve_source
+    from fusion.types import VARIANTS
+
+    try:
+        cfg = load_config(args.config)
+        by_name = {m.name: m for m in cfg.models}
+        m = cfg.models[0] if args.model in VARIANTS else by_name.get(args.model)
+        if m is None:
+            ids = ", ".join([*VARIANTS, *by_name])
+            print(f"coolfusion tokenizer: unknown model id {args.model!r}; available: {ids}", file=sys.stderr)
+            return 2
+        tok = load_tokenizer(resolve_source(m))
+    except ConfigError as err:
+        print(f"coolfusion tokenizer: {err}", file=sys.stderr)
+        return 2
+    tok.chat_template = chat.resolve_template(m.chat_template, tok)
+    tok.save_pretrained(args.dir)
+    whose = f"{m.name}, the reference tokenizer of {args.model}" if args.model in VARIANTS else m.name
+    print(f"saved the tokenizer of {whose} to {args.dir}")
+    return 0
+
+
 DELEGATES = {  # subcommand -> (module offering add_arguments(parser) and run(args), help)
     "eval": ("evaluation.cli", "evaluate the fused model and its source models"),
     "bench": ("bench.speed", "measure throughput and latency"),
@@ -159,6 +200,11 @@ def build_parser(prog: str = "coolfusion", argv: Sequence[str] = ()) -> argparse
                            epilog=serve_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_serve_arguments(serve)
     serve.set_defaults(handler=run_serve)
+    tok = sub.add_parser("tokenizer", help="save a model id's tokenizer (for lm-eval's tokenizer=DIR)",
+                         description=run_tokenizer.__doc__.splitlines()[0] + " " +
+                         " ".join(x.strip() for x in run_tokenizer.__doc__.splitlines()[1:]))
+    add_tokenizer_arguments(tok)
+    tok.set_defaults(handler=run_tokenizer)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in DELEGATES.items():
         _add_delegate(sub, name, module, help_text, load=name == chosen)

@@ -84,8 +84,8 @@ async def prepare(
     if len(bases) * n > limits.MAX_CHOICES:
         raise InvalidRequest(f"at most {limits.MAX_CHOICES} choices (prompts x n) per request", param="n")
     prompt_tokens = 0
-    for req in bases:
-        prompt_tokens += int(await anyio.to_thread.run_sync(engine.check, req))
+    for req, where in zip(bases, body.prompt_labels()):
+        prompt_tokens += int(await anyio.to_thread.run_sync(engine.check, req, where))
     choices = [replace(req, seed=_choice_seed(req.seed, i)) for req in bases for i in range(n)]
     try:
         ticket = state.admission.reserve()
@@ -94,7 +94,8 @@ async def prepare(
         raise
     state.metrics.prompt_tokens.labels(body.model).inc(prompt_tokens)
     prefix = "cmpl" if kind == "text" else "chatcmpl"
-    info = JobInfo(kind=kind, id=f"{prefix}-{uuid.uuid4().hex}", created=state.created, model=body.model, trace=body.wants_trace)
+    info = JobInfo(kind=kind, id=f"{prefix}-{uuid.uuid4().hex}", created=state.created, model=body.model, trace=body.wants_trace,
+                   logprobs=body.wants_logprobs)
     log_fields.update(id=info.id, prompt_tokens=prompt_tokens)
     return Job(info, choices, prompt_tokens, body.wants_usage_chunk, deadline, ticket, log_fields)
 

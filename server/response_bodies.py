@@ -12,6 +12,12 @@ In a stream every content chunk carries its step as `fusion_step`. A step is
 the rule (fused ids only; `weights` for `weighted`). A perplexity that is not finite is sent
 as null (`server.errors.dumps`).
 
+Log-probs (request `logprobs`, and `echo` on completions) come from the engine's Steps
+(fusion.likelihood): completions carry OpenAI's legacy shape `{"tokens", "token_logprobs",
+"top_logprobs", "text_offset"}`, chat the shape `{"content": [{"token", "logprob", "bytes",
+"top_logprobs"}]}`; a stream chunk carries those of its own text. With `echo` the choice's
+text (and a stream's first chunk) starts with the prompt.
+
 With `"fusion": {"judge": true}` every source model scores the whole answer after the
 prompt: each choice (and, in a stream, the chunk that carries finish_reason) gets
 `fusion_judge = {"ppl": {model: value}, "mean_ppl", "score", "selection"}` (the paper's
@@ -26,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from fusion.types import FinishReason, Step
+from fusion.types import FinishReason, Step, TokenLogprob
 
 # ---- the models ---------------------------------------------------------------------------------
 
@@ -81,10 +87,36 @@ class Judge(BaseModel):
     selection: Selection | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: one entry per token; the prompt's first token has nulls."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # null when the token is part of a character (its text is U+FFFD)
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
 class CompletionChoice(BaseModel):
     index: int = Field(ge=0)
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason
     fusion_trace: list[TraceStep] | None = None  # per choice when n > 1 and trace is on
     fusion_judge: Judge | None = None
@@ -98,7 +130,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = Field(ge=0)
     message: AssistantMessage
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason
     fusion_trace: list[TraceStep] | None = None
     fusion_judge: Judge | None = None
@@ -127,7 +159,7 @@ class ChatCompletionResponse(BaseModel):
 class CompletionChunkChoice(BaseModel):
     index: int = Field(ge=0)
     text: str
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -139,7 +171,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = Field(ge=0)
     delta: ChatDelta
-    logprobs: None
+    logprobs: ChatLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -194,6 +226,7 @@ class JobInfo:
     created: int
     model: str
     trace: bool
+    logprobs: bool = False  # the request asked for log-probs
 
 
 @dataclass
@@ -204,7 +237,7 @@ class ChoiceResult:
 
     @property
     def text(self) -> str:
-        return "".join(s.text for s in self.steps)
+        return "".join(s.echo + s.text for s in self.steps)
 
     @property
     def completion_tokens(self) -> int:
@@ -238,6 +271,32 @@ def _finite(v):
     return v if v is not None and math.isfinite(v) else None
 
 
+def logprobs_of(job: JobInfo, steps) -> CompletionLogprobs | ChatLogprobs | None:
+    """The log-probs of these steps' tokens in the job's shape (None unless asked for)."""
+    if not job.logprobs:
+        return None
+    entries: list[TokenLogprob] = [e for s in steps for e in s.logprobs]
+    if job.kind == "text":
+        tops = [None if e.top is None else _top_dict(e.top) for e in entries]
+        return CompletionLogprobs(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
+                                  top_logprobs=tops, text_offset=[e.offset for e in entries])
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=_bytes(e.token),
+                         top_logprobs=[TopLogprob(token=t, logprob=v, bytes=_bytes(t)) for t, v in e.top or ()])
+        for e in entries])
+
+
+def _top_dict(top) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for token, value in top:  # most likely first; two ids with one text keep the likelier
+        out.setdefault(token, value)
+    return out
+
+
+def _bytes(token: str) -> list[int] | None:
+    return None if "\ufffd" in token else list(token.encode("utf-8"))
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
     return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                  total_tokens=prompt_tokens + completion_tokens)
@@ -260,12 +319,13 @@ def response_body(job: JobInfo, results: list[ChoiceResult], prompt_tokens: int)
         judge = judge_of(r.steps)
         if judge is not None:
             extras["fusion_judge"] = judge
+        lp = logprobs_of(job, r.steps)
         if job.kind == "text":
-            choices.append(CompletionChoice(index=r.index, text=r.text, logprobs=None, finish_reason=r.finish_reason,
+            choices.append(CompletionChoice(index=r.index, text=r.text, logprobs=lp, finish_reason=r.finish_reason,
                                             **extras))
         else:
             message = AssistantMessage(role="assistant", content=r.text)
-            choices.append(ChatChoice(index=r.index, message=message, logprobs=None, finish_reason=r.finish_reason,
+            choices.append(ChatChoice(index=r.index, message=message, logprobs=lp, finish_reason=r.finish_reason,
                                       **extras))
     top: dict[str, Any] = {}
     if job.trace:
@@ -287,12 +347,15 @@ def role_chunk(job: JobInfo, index: int) -> dict[str, Any]:
 
 
 def content_chunk(job: JobInfo, index: int, text: str, finish_reason: str | None, step: Step | None) -> dict[str, Any]:
-    """One selected segment (or, with step=None, a bare finish) of choice `index`."""
+    """One selected segment (or, with step=None, a bare finish) of choice `index`; with echo,
+    the first one starts with the prompt."""
+    lp = logprobs_of(job, [step] if step is not None else [])
     if job.kind == "text":
-        choice: Any = CompletionChunkChoice(index=index, text=text, logprobs=None, finish_reason=finish_reason)
+        text = (step.echo if step is not None else "") + text
+        choice: Any = CompletionChunkChoice(index=index, text=text, logprobs=lp, finish_reason=finish_reason)
     else:
         delta = ChatDelta(content=text) if text or step is not None else ChatDelta()
-        choice = ChatChunkChoice(index=index, delta=delta, logprobs=None, finish_reason=finish_reason)
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=lp, finish_reason=finish_reason)
     extras: dict[str, Any] = {}
     if job.trace and step is not None:
         extras["fusion_step"] = trace_step(step)

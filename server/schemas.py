@@ -1,12 +1,16 @@
 """OpenAI request bodies (pydantic) and their translation into engine requests.
 
 OpenAI fields that would change the output but are not implemented (tools, response_format,
-logit_bias, penalties, logprobs, echo, ...) are refused with a 400 `unsupported_parameter`
+logit_bias, penalties, best_of, suffix, ...) are refused with a 400 `unsupported_parameter`
 naming the field; each one's no-op values (`tools: []`, `presence_penalty: 0`, ...) are
 accepted. Fields that change nothing here (`user`, `metadata`, `store`, `service_tier`,
 `parallel_tool_calls`, ...) are accepted, and so are fields OpenAI does not define
 (`extra="allow"`), as clients send many. README.md ("Request fields") lists them; a test
-goes through that list. Omitted sampling fields keep the engine's defaults (greedy). Our
+goes through that list. `logprobs` / `echo` (completions) and `logprobs` / `top_logprobs`
+(chat) are passed to the engine, which checks what each model id can answer
+(fusion.validation.check_logprobs). A completion prompt may be token ids (a list of ints, or
+a list of such lists) in the reference tokenizer of the model id. Omitted sampling fields
+keep the engine's defaults (greedy). Our
 extension: `"fusion": {"trace": true, "judge": true, "select": ..., "weights": ...,
 "end_scoring": ..., "score_end": ...}`; other keys in `fusion` are accepted.
 """
@@ -19,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from fusion import limits
+from fusion.errors import InvalidRequest
 from fusion.selection import SelectionRequest
 from fusion.types import COOL, GenerationRequest, Message
 
@@ -150,41 +155,72 @@ class _Common(BaseModel):
         return kw
 
 
+def _int(v: Any, name: str) -> Any:
+    """An integer field that JSON `true`/`false` must not pass for (pydantic would take 1/0)."""
+    if isinstance(v, bool):
+        raise ValueError(f"{name} must be an integer, not a boolean")
+    return v
+
+
+def _token_ids(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+
+
 class CompletionRequest(_Common):
     """POST /v1/completions: one choice per prompt x n, in that order."""
 
-    prompt: str | list[str]
-    max_tokens: int | None = Field(default=None, ge=1)
-    logprobs: int | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo (the engine checks)
+    logprobs: int | None = Field(default=None, ge=0, le=limits.MAX_LOGPROBS)  # per model id: engine.check
     echo: bool | None = None
     best_of: int | None = None
     suffix: str | None = None
 
-    _no_logprobs = _unsupported("logprobs")
-    _no_echo = _unsupported("echo", False)
     _no_best_of = _unsupported("best_of", 1)
     _no_suffix = _unsupported("suffix", "")
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs(cls, v: Any) -> Any:
+        return _int(v, "logprobs")
 
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v: Any) -> Any:
         if isinstance(v, str):
             return _valid_text(v)
-        if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be an empty list")
+        if isinstance(v, list) and all(isinstance(p, str) for p in v):
             for p in v:
                 _valid_text(p)
             return v
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be an empty list")
-        raise ValueError("prompt must be a string or a list of strings (token-id prompts are not supported)")
+        if _token_ids(v) or (isinstance(v, list) and all(_token_ids(p) for p in v)):
+            return v
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids (integers) "
+                         "or a list of non-empty lists of token ids")
 
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids."""
+        if isinstance(self.prompt, str) or _token_ids(self.prompt):
+            return [self.prompt]
+        return list(self.prompt)
+
+    def prompt_labels(self) -> list[str]:
+        """How errors name each prompt: `prompt`, or `prompt[i]` of a list of prompts."""
+        one = isinstance(self.prompt, str) or _token_ids(self.prompt)
+        return ["prompt"] if one else [f"prompt[{i}]" for i in range(len(self.prompt))]
 
     def base_requests(self, default_max_tokens: int | None) -> list[GenerationRequest]:
         """One engine request per prompt (choices are these repeated n times)."""
         kw = self._sampling(self.max_tokens if self.max_tokens is not None else default_max_tokens)
-        return [GenerationRequest(prompt=p, **kw) for p in self.prompts()]
+        kw.update(logprobs=self.logprobs, echo=bool(self.echo))
+        return [GenerationRequest(prompt=p, **kw) if isinstance(p, str) else
+                GenerationRequest(prompt_ids=tuple(p), **kw) for p in self.prompts()]
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
 
 
 class TextPart(BaseModel):
@@ -232,7 +268,7 @@ class ChatCompletionRequest(_Common):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=limits.MAX_TOP_LOGPROBS)  # per model id: engine.check
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[Any] | None = None
@@ -243,8 +279,6 @@ class ChatCompletionRequest(_Common):
     reasoning_effort: str | None = None
     web_search_options: dict[str, Any] | None = None
 
-    _no_logprobs = _unsupported("logprobs", False)
-    _no_top_logprobs = _unsupported("top_logprobs", 0)
     _no_tools = _unsupported("tools", [])
     _no_tool_choice = _unsupported("tool_choice", "none")
     _no_functions = _unsupported("functions", [])
@@ -255,7 +289,22 @@ class ChatCompletionRequest(_Common):
     _no_reasoning_effort = _unsupported("reasoning_effort")
     _no_web_search_options = _unsupported("web_search_options")
 
+    @field_validator("top_logprobs", mode="before")
+    @classmethod
+    def _top_logprobs(cls, v: Any) -> Any:
+        return _int(v, "top_logprobs")
+
     def base_requests(self, default_max_tokens: int | None) -> list[GenerationRequest]:
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         kw = self._sampling(limit if limit is not None else default_max_tokens)
+        if self.top_logprobs and not self.logprobs:  # 0 without logprobs is accepted: it asks for nothing
+            raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+        kw["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
         return [GenerationRequest(messages=tuple(m.to_message() for m in self.messages), **kw)]
+
+    def prompt_labels(self) -> list[str]:
+        return ["messages"]
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)

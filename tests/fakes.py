@@ -166,13 +166,17 @@ class FakeEngine:
         with self._lock:
             return self._active
 
-    def check(self, request: GenerationRequest) -> int:
+    def check(self, request: GenerationRequest, where: str = "prompt") -> int:
         if request.model not in self.model_ids():
             raise UnknownModel(f"The model '{request.model}' does not exist", param="model")
         if (request.prompt is None) == (request.messages is None):
             raise InvalidRequest("give exactly one of prompt or messages", param="prompt")
         if request.prompt is not None and not request.prompt.strip():
             raise InvalidRequest("prompt must not be empty", param="prompt")
+        if request.prompt_ids is not None or request.logprobs is not None or request.echo:
+            raise InvalidRequest("the fake engine has no log-probs or token ids", param="prompt")
+        if request.max_tokens < 1:  # 0 is the real engine's echo-only request
+            raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
         n = self.prompt_tokens(request)
         if n + request.max_tokens > self.context_limit:
             param = "prompt" if request.prompt is not None else "messages"

@@ -30,9 +30,6 @@ MODELS = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
 
 # a value of each refused field that would change the output (the README lists the no-ops)
 CHANGING = {
-    "logprobs": {"completions": 2, "chat": True},
-    "top_logprobs": 3,
-    "echo": True,
     "best_of": 3,
     "suffix": " the end",
     "logit_bias": {"50256": -100},
