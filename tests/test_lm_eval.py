@@ -30,7 +30,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from test_logprobs import fused_loglik, token_values
 
 from fusion.config import ServerConfig
@@ -49,7 +48,7 @@ pytestmark = pytest.mark.skipif(
     reason="lm-evaluation-harness with its API extra is not installed (pip install 'lm-eval[api]')",
 )
 
-_SAMPLE = re.compile(r"^coolfusion_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$", re.M)
+_SAMPLE = re.compile(r"^coolfusion_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$", re.MULTILINE)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
