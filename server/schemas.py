@@ -158,7 +158,7 @@ class _Common(BaseModel):
 def _int(v: Any, name: str) -> Any:
     """An integer field that JSON `true`/`false` must not pass for (pydantic would take 1/0)."""
     if isinstance(v, bool):
-        raise ValueError(f"{name} must be an integer, not a boolean")
+        raise ValueError(f"{name} must be an integer, not a boolean")  # noqa: TRY004 (pydantic wants ValueError)
     return v
 
 

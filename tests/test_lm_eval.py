@@ -4,8 +4,12 @@
 loopback: once with `local-completions` (prompt strings to /v1/completions) and once with
 `local-chat-completions --apply_chat_template` (messages to /v1/chat/completions). The tasks
 are tests/lm_eval_tasks/coolfusion_qa.yaml and its chat twin coolfusion_qa_chat.yaml,
-generate_until tasks over a local JSONL (the server refuses logprobs/echo, so loglikelihood
-tasks cannot run), with the datasets/hub offline.
+generate_until tasks over a local JSONL, with the datasets/hub offline; and the
+multiple-choice (log-likelihood) task coolfusion_mc.yaml, run with `local-completions` on each
+source model and on cool-fusion, with token-id requests in the tokenizer that
+`coolfusion tokenizer` saves: its accuracies are printed, and lm-eval's per-choice
+log-likelihoods must equal the models' own (a full forward here) and, for cool-fusion, the
+fused definition (the mean over the models of each one's log-likelihood of the choice).
 
 Each test checks: exit code 0; the results JSON holds the task's metric; the samples file has
 one response per item that respects the task's stop strings; and the server's own
@@ -26,9 +30,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from test_logprobs import fused_loglik, token_values
 
 from fusion.config import ServerConfig
+from fusion.types import COOL
 from server.app import create_app
+from server.cli import main as coolfusion
 from server.testing import serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +48,7 @@ pytestmark = pytest.mark.skipif(
     reason="lm-evaluation-harness with its API extra is not installed (pip install 'lm-eval[api]')",
 )
 
-_SAMPLE = re.compile(r"^coolfusion_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$", re.M)
+_SAMPLE = re.compile(r"^coolfusion_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$", re.MULTILINE)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
@@ -61,7 +68,7 @@ def request_counts(base_url: str) -> dict[tuple[str, str, str], float]:
     return counts
 
 
-def run_lm_eval(tmp_path: Path, task: str, model: str, model_args: str, *extra: str) -> Path:
+def run_lm_eval(tmp_path: Path, task: str, model: str, model_args: str, *extra: str, limit: int = LIMIT) -> Path:
     """Run lm_eval against the server; returns its output folder after checking the exit code."""
     out = tmp_path / "out"
     env = {
@@ -78,7 +85,7 @@ def run_lm_eval(tmp_path: Path, task: str, model: str, model_args: str, *extra: 
         *extra,
         "--tasks", task,
         "--include_path", INCLUDE_PATH,
-        "--limit", str(LIMIT),
+        "--limit", str(limit),
         "--output_path", str(out),
         "--log_samples",
     ]  # fmt: skip
@@ -134,3 +141,55 @@ def test_lm_eval_local_chat_completions_runs_against_the_server(base_url, tmp_pa
     out = run_lm_eval(tmp_path, "coolfusion_qa_chat", "local-chat-completions", model_args, "--apply_chat_template")
     check_outputs(out, "coolfusion_qa_chat")
     check_server_saw(base_url, before, "/v1/chat/completions")
+
+
+MC_ITEMS, MC_CHOICES = 4, 3  # tests/lm_eval_tasks/coolfusion_mc.jsonl
+
+
+def _pairs(sample: dict) -> list[tuple[str, str]]:
+    """(context, continuation) of each request of one logged sample, in either layout lm-eval writes."""
+    args = sample["arguments"]
+    args = list(args.values()) if isinstance(args, dict) else args
+    return [(a["arg_0"], a["arg_1"]) if isinstance(a, dict) else (a[0], a[1]) for a in args]
+
+
+@pytest.mark.parametrize("model_id", ["smollm2-135m", "gemma3-270m", COOL])
+def test_lm_eval_multiple_choice_log_likelihoods_run_on_each_model_id(base_url, engine, tmp_path, model_id, capsys):
+    tok_dir = tmp_path / "tokenizer"
+    assert coolfusion(["tokenizer", model_id, str(tok_dir), "--config", str(ROOT / "config.yaml")]) == 0
+    bos = model_id == "gemma3-270m"  # Gemma wants its BOS before the text
+    before = request_counts(base_url)
+    model_args = (f"model={model_id},base_url={base_url}/v1/completions,tokenizer={tok_dir},"
+                  f"tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1,max_retries=1"
+                  + (",add_bos_token=True" if bos else ""))
+    out = run_lm_eval(tmp_path, "coolfusion_mc", "local-completions", model_args, limit=MC_ITEMS)
+    report = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["coolfusion_mc"]
+    acc, acc_norm = report["acc,none"], report["acc_norm,none"]
+    with capsys.disabled():
+        print(f"\nlm-eval coolfusion_mc on {model_id}: acc {acc:.4f}, acc_norm {acc_norm:.4f} ({MC_ITEMS} items)")
+    assert 0.0 <= acc <= 1.0 and 0.0 <= acc_norm <= 1.0
+    after = request_counts(base_url)
+    key = ("POST", "/v1/completions", "200")
+    assert after.get(key, 0) - before.get(key, 0) == MC_ITEMS * MC_CHOICES  # one request per choice
+    assert not any(k[1] == "/v1/completions" and k[2] != "200" and v != before.get(k, 0.0) for k, v in after.items())
+
+    samples = [json.loads(x) for x in next(out.rglob("samples_coolfusion_mc_*.jsonl")).read_text().splitlines() if x]
+    assert len(samples) == MC_ITEMS
+    checked = 0
+    for s in samples:
+        for (ctx, cont), resp in zip(_pairs(s), s["resps"]):
+            ll = float(resp[0][0])  # lm-eval logs it as a string
+            if model_id == COOL:
+                if not all(w.text.tokenizer(ctx + cont).input_ids == w.text.tokenizer(ctx).input_ids
+                           + w.text.tokenizer(cont, add_special_tokens=False).input_ids for w in engine.workers):
+                    continue  # the definition's span property needs common boundaries
+                want = fused_loglik(engine, ctx, cont)
+            else:
+                w = next(w for w in engine.workers if w.name == model_id)
+                tok = w.text.tokenizer
+                whole = tok(ctx + cont, add_special_tokens=bos).input_ids
+                n_ctx = len(tok(ctx, add_special_tokens=bos).input_ids)
+                want = sum(token_values(w.runner.model, whole)[n_ctx - 1:])
+            assert abs(ll - want) < 1e-3, (model_id, ctx, cont, ll, want)
+            checked += 1
+    assert checked >= MC_ITEMS
