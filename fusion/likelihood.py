@@ -21,7 +21,8 @@ change its tokenization (`step`).
   Over a span whose two edges are token boundaries of every model, the sum is the mean over
   models of log P_v(span | text before it).
 - **The fused alternative** (`logprobs: 1`): at position i, the token that the same fused
-  id generates after tokens[:i] (as a token-id prompt) greedily with max_tokens 1, with the
+  id, with the request's selection settings (`fusion.select`, ...), generates after
+  tokens[:i] (as a token-id prompt) greedily with max_tokens 1, with the
   value such a request reports for its generated token; if it is the token at position i,
   that token's own value there. So lm-eval's greedy check (token value == best alternative's)
   holds exactly when the fused id, one token at a time, reproduces the text. It costs one
@@ -36,6 +37,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from . import logprobs
+from .selection import SelectionRequest
 from .types import VARIANTS, GenerationRequest, TokenLogprob
 from .worker_protocol import Worker
 
@@ -62,21 +64,24 @@ class _Scored:
 
 
 class Alternatives:
-    """The fused alternative after a prefix, kept by (model id, prefix ids): greedy decoding
-    gives the same token for the same prefix, so it is computed once. Bounded (LRU)."""
+    """The fused alternative after a prefix, kept by (model id, selection settings, prefix
+    ids): greedy decoding gives the same token for the same prefix, so it is computed once.
+    Bounded (LRU)."""
 
     def __init__(self, size: int = 4096):
         self._size = size
         self._lock = threading.Lock()
         self._kept: OrderedDict[tuple, tuple[int, str, float] | None] = OrderedDict()
 
-    def get(self, engine, model: str, prefix: tuple[int, ...], cancel) -> tuple[int, str, float] | None:
-        key = (model, prefix)
+    def get(self, engine, model: str, prefix: tuple[int, ...], cancel,
+            selection: SelectionRequest = SelectionRequest()) -> tuple[int, str, float] | None:
+        key = (model, repr(selection), prefix)
         with self._lock:
             if key in self._kept:
                 self._kept.move_to_end(key)
                 return self._kept[key]
-        sub = GenerationRequest(prompt_ids=prefix, model=model, max_tokens=1, temperature=0.0, logprobs=0)
+        sub = GenerationRequest(prompt_ids=prefix, model=model, max_tokens=1, temperature=0.0, logprobs=0,
+                                selection=selection)  # the request's own rule chooses, as it would
         first = next((e for step in engine.generate(sub, cancel) for e in step.logprobs), None)
         alt = None if first is None else (first.token_id, first.token, first.logprob)
         with self._lock:
@@ -144,7 +149,8 @@ class Likelihood:
             return ()
         if not self.fused:
             return tuple((self.ref.text.token_text(t), v) for t, v in sc.tops[j])
-        alt = self.engine.alternatives.get(self.engine, self.req.model, tuple(sc.tokens.ids[:j]), self.cancel)
+        alt = self.engine.alternatives.get(self.engine, self.req.model, tuple(sc.tokens.ids[:j]), self.cancel,
+                                           self.req.selection)
         if alt is None:
             return ()
         tid, text, value = alt
