@@ -268,11 +268,15 @@ class FakeEngine:
             loser = self.source_names[(i + 1) % len(self.source_names)]
             other = text.upper() if text.upper() != text else text + "!"
             candidates = (
-                Candidate(text=text, proposed_by=(winner,), eos=eos, ppl={winner: 2.0, loser: 3.0}, mean_ppl=2.5),
-                Candidate(text=other, proposed_by=(loser,), ppl={winner: 9.0, loser: float("inf")}, mean_ppl=float("inf")),
+                Candidate(text=text, proposed_by=(winner,), eos=eos, ppl={winner: 2.0, loser: 3.0}, mean_ppl=2.5,
+                          score=2.5),
+                Candidate(text=other, proposed_by=(loser,), ppl={winner: 9.0, loser: float("inf")}, mean_ppl=float("inf"),
+                          score=float("inf")),
             )
+        selection = None if request.model in self.source_names else {"rule": "mean_ppl"}  # as the engine
         return Step(text=text, winner=winner, eos=eos, candidates=candidates if request.trace else (),
-                    finish_reason=finish, completion_tokens=completion_tokens, prompt_tokens=prompt_tokens)
+                    finish_reason=finish, completion_tokens=completion_tokens, prompt_tokens=prompt_tokens,
+                    selection=selection)
 
 
 def _stop_cut(text: str, stops: tuple[str, ...]) -> int | None:

@@ -218,10 +218,11 @@ def test_include_usage_adds_one_final_usage_chunk_with_empty_choices(http, engin
 
 
 def _check_step(step: dict, sources: list[str]) -> None:
-    assert set(step) == {"text", "winner", "eos", "candidates"}
+    assert set(step) == {"text", "winner", "eos", "candidates", "selection"}
+    assert step["selection"] == {"rule": "mean_ppl"}
     assert step["winner"] in sources
     for cand in step["candidates"]:
-        assert set(cand) == {"text", "proposed_by", "eos", "ppl", "mean_ppl"}
+        assert set(cand) == {"text", "proposed_by", "eos", "ppl", "mean_ppl", "score"}
         assert set(cand["ppl"]) <= set(sources)
         assert all(v is None or math.isfinite(v) for v in cand["ppl"].values())
     assert step["text"] in [c["text"] for c in step["candidates"]]
@@ -238,6 +239,7 @@ def test_trace_lists_each_step_with_candidates_and_the_steps_spell_the_text(http
         _check_step(step, engine.source_names)
     # a non-finite perplexity is sent as null, keeping the JSON valid
     assert trace[0]["candidates"][1]["mean_ppl"] is None
+    assert trace[0]["candidates"][1]["score"] is None
 
 
 def test_trace_is_absent_unless_asked(http):
