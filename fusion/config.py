@@ -159,6 +159,9 @@ class Config(BaseModel):
                     raise ValueError(f"fusion.{key}.{n}: no model named {n!r} in models")
                 if key == "weights" and v < 0:
                     raise ValueError(f"fusion.weights.{n}: a weight must be >= 0, not {v}")
+        w = self.fusion.weights
+        if isinstance(w, dict) and not any(w.get(n, 1.0) > 0 for n in names):
+            raise ValueError("fusion.weights: at least one model needs a weight above 0")
         if self.backend == "ray":
             for i, m in enumerate(self.models):
                 if m.device.startswith("cuda") and self.ray.resources(m.name).num_gpus <= 0:

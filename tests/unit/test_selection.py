@@ -128,3 +128,21 @@ def test_how_an_ending_is_scored_decides_whether_the_turn_ends_with_its_text(end
         assert math.isclose(mine.ppl["m1"], theirs.ppl["m1"], rel_tol=1e-5)  # the text alone
     assert step.eos is ends and (step.finish_reason == "stop") is ends
     assert (steps[-1] is step) is ends  # else the turn goes on past "."
+
+
+def test_the_configs_selection_settings_are_checked_at_start_up():
+    from fusion.config import parse_config
+    from fusion.errors import ConfigError
+
+    models = [{"name": "a", "path": "x/a"}, {"name": "b", "path": "x/b"}]
+
+    def cfg(**fusion):
+        return {"models": models, "fusion": fusion}
+
+    for fusion, key in (({"select": "median"}, "fusion.select"), ({"weights": {"c": 1.0}}, "fusion.weights.c"),
+                        ({"weights": {"a": -1.0}}, "fusion.weights.a"), ({"weights": {"a": 0, "b": 0}}, "fusion.weights"),
+                        ({"score_end": {"c": False}}, "fusion.score_end.c"), ({"end_scoring": "never"}, "fusion.end_scoring"),
+                        ({"weights": "sometimes"}, "fusion.weights")):
+        with pytest.raises(ConfigError) as err:
+            parse_config(cfg(**fusion))
+        assert key in str(err.value), (fusion, str(err.value))
