@@ -118,7 +118,8 @@ class Likelihood:
 
     # ---- per Step -----------------------------------------------------------------------------
 
-    def step(self, g: str, eos: bool = False, end_id: int | None = None, final: bool = True) -> tuple[TokenLogprob, ...]:
+    def step(self, g: str, eos: bool = False, end_id: int | None = None,
+             final: bool = True) -> tuple[TokenLogprob, ...]:
         """The tokens to report with the Step after which the output is `g`: the prompt's
         (first Step, with echo), the generated ones not reported yet, and the end token when
         the output ended its turn (`eos`; `end_id`: a source model's own). Until the `final`

@@ -139,10 +139,11 @@ def test_the_configs_selection_settings_are_checked_at_start_up():
     def cfg(**fusion):
         return {"models": models, "fusion": fusion}
 
-    for fusion, key in (({"select": "median"}, "fusion.select"), ({"weights": {"c": 1.0}}, "fusion.weights.c"),
-                        ({"weights": {"a": -1.0}}, "fusion.weights.a"), ({"weights": {"a": 0, "b": 0}}, "fusion.weights"),
-                        ({"score_end": {"c": False}}, "fusion.score_end.c"), ({"end_scoring": "never"}, "fusion.end_scoring"),
-                        ({"weights": "sometimes"}, "fusion.weights")):
+    cases = [({"select": "median"}, "fusion.select"), ({"weights": {"c": 1.0}}, "fusion.weights.c"),
+             ({"weights": {"a": -1.0}}, "fusion.weights.a"), ({"weights": {"a": 0, "b": 0}}, "fusion.weights"),
+             ({"score_end": {"c": False}}, "fusion.score_end.c"), ({"end_scoring": "never"}, "fusion.end_scoring"),
+             ({"weights": "sometimes"}, "fusion.weights")]
+    for fusion, key in cases:
         with pytest.raises(ConfigError) as err:
             parse_config(cfg(**fusion))
         assert key in str(err.value), (fusion, str(err.value))
