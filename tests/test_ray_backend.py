@@ -125,6 +125,19 @@ def test_ray_backend_gives_byte_identical_output_to_the_local_backend(engine, ra
 
 
 @needs_ray
+def test_an_actors_sequence_logprobs_equal_the_local_models(engine, ray_engine):
+    """logprobs / echo and `weights: auto` read exact log-probs through the worker seam: the
+    actor's must be the local model's (up to BLAS summation order), top alternatives too."""
+    for local, remote in zip(engine.workers, ray_engine.workers):
+        ids = local.text.encode("The capital of France is Paris.", special=True)
+        a, b = local.sequence_logprobs(ids, 2), remote.sequence_logprobs(ids, 2)
+        assert len(a) == len(b) == len(ids) - 1
+        for (va, top_a), (vb, top_b) in zip(a, b):
+            assert math.isclose(va, vb, rel_tol=1e-4, abs_tol=1e-4)
+            assert [t for t, _ in top_a] == [t for t, _ in top_b]
+
+
+@needs_ray
 def test_fast_paths_off_under_ray_turns_them_off_in_the_actors(ray_engine, slow_ray_engine):
     """The option reaches the actors (it is given at construction): they report it, and they
     do the reference path's work: no lookahead or KV reuse, so every step re-feeds the whole
