@@ -82,12 +82,6 @@ class FusionConfig(BaseModel):
     end_scoring: Literal["end_token", "text"] = "text"
     score_end: dict[str, bool] = {}  # per model: false = its end predictions do not count
 
-    def selection_request(self):
-        """The config's selection settings, as a request would give them."""
-        from .selection import SelectionRequest
-
-        return SelectionRequest(self.select, self.weights, self.end_scoring, self.score_end)
-
 
 class ServerConfig(BaseModel):
     """HTTP server settings; every one can be overridden on the command line."""
@@ -153,15 +147,15 @@ class Config(BaseModel):
         for n in self.ray.models:
             if n not in names:
                 raise ValueError(f"ray.models.{n}: no model named {n!r} in models")
-        for key in ("weights", "score_end"):
-            for n, v in (getattr(self.fusion, key) if isinstance(getattr(self.fusion, key), dict) else {}).items():
-                if n not in names:
-                    raise ValueError(f"fusion.{key}.{n}: no model named {n!r} in models")
-                if key == "weights" and v < 0:
-                    raise ValueError(f"fusion.weights.{n}: a weight must be >= 0, not {v}")
-        w = self.fusion.weights
-        if isinstance(w, dict) and not any(w.get(n, 1.0) > 0 for n in names):
-            raise ValueError("fusion.weights: at least one model needs a weight above 0")
+        from . import selection
+        from .errors import InvalidRequest
+
+        try:  # the same checks as a request's `fusion` settings
+            if isinstance(self.fusion.weights, dict):
+                selection.check_weights(self.fusion.weights, names, "fusion.weights")
+            selection.check_names(self.fusion.score_end, names, "fusion.score_end")
+        except InvalidRequest as err:
+            raise ValueError(str(err)) from None
         if self.backend == "ray":
             for i, m in enumerate(self.models):
                 if m.device.startswith("cuda") and self.ray.resources(m.name).num_gpus <= 0:

@@ -225,8 +225,10 @@ class Engine:
                 yield Step("", req.model, False, (), "length", 0, prompt_tokens,
                            logprobs=scores.step("") if scores else (), echo=echo)
                 return
-            sel = self.selection_for(req)
-            rule = sel.describe() if req.model in VARIANTS else None
+            fused = req.model in VARIANTS
+            # a single model never selects: its rule (and `auto` weights' forwards) only for its judge
+            sel = self.selection_for(req) if fused or req.judge else selection.Selection()
+            rule = sel.describe() if fused else None
             raw = self._raw_steps(req, cancel, stats, runs, sel)
             text = ""
             for step in output.finish(raw, req, self.reference(req.model).text, prompt_tokens, cancel):
@@ -311,7 +313,8 @@ class Engine:
         """Each source model (and, for Cool+Rerank, Cool) writes a whole answer, then every
         model scores every answer. The answers are written concurrently on threads of their
         own: the shared pool serves only per-phase worker calls, which never nest."""
-        single = replace(req, trace=False, judge=False, logprobs=None, echo=False)
+        single = replace(req, trace=False, judge=False, logprobs=None, echo=False,
+                         selection=sel.as_request())  # resolved: `auto` weights are not computed again
 
         def answer(m: str) -> GenerationRequest:  # a token-id prompt holds the reference model's ids
             same_ids = self.reference(m) is self.reference(req.model)

@@ -182,17 +182,17 @@ class Likelihood:
             rows = self.ref.sequence_logprobs(tok.ids, top)
             return _Scored(tok, [None] + [r[0] for r in rows], [()] + [r[1] for r in rows],
                            len(self._prompts[self.ref.name].ids), eos)
-        per = self.engine.each_worker(
-            lambda w: self._model_values(w, g, self._end_token(w) if eos else None), self.workers)
         ref_tok = self._tokens(self.ref, g, self._end_token(self.ref) if eos else None)
+        ref_ends = ref_tok.ends[: len(ref_tok.ends) - eos]  # the end token's value is assigned apart
+        per = self.engine.each_worker(
+            lambda w: self._model_values(w, g, self._end_token(w) if eos else None, ref_ends), self.workers)
         values: list[float | None] = logprobs.mean(per)
         values[0] = None  # the text's first token has no context (OpenAI's null)
         return _Scored(ref_tok, values, [()] * len(values), len(self._prompts[self.ref.name].ids), eos)
 
-    def _model_values(self, w: Worker, g: str, end: int | None) -> list[float]:
-        """Model w's log-probs of its tokens, summed per reference token (the end token's to
-        the reference's end token)."""
-        ref_ends = self._tokens(self.ref, g, None).ends
+    def _model_values(self, w: Worker, g: str, end: int | None, ref_ends: list[int]) -> list[float]:
+        """Model w's log-probs of its tokens, summed per reference token (`ref_ends`: where each
+        of prompt + G ends; the end token's to the reference's end token)."""
         tok = self._tokens(w, g, end)
         vals = [None] + [r[0] for r in w.sequence_logprobs(tok.ids, 0)]
         n = len(tok.ids) - (end is not None)

@@ -137,4 +137,3 @@ class ModelRunner:
             win = allow & (q_pos[:, None] - k_pos[None, :] < self._sliding)
             return {"full_attention": full, "sliding_attention": to_mask(win)}
         return full
-

@@ -55,7 +55,7 @@ class Selection:
 
     rule: str = "mean_ppl"
     weights: Mapping[str, float] = field(default_factory=dict)  # model -> weight (weighted only)
-    end_scoring: str = "end_token"
+    end_scoring: str = "text"  # the config's default (fusion.config)
     no_end: frozenset[str] = frozenset()  # models whose end predictions do not count
 
     def combine(self, ppl: Mapping[str, float]) -> float:
@@ -82,6 +82,12 @@ class Selection:
         if model in self.no_end:
             return False if text else None
         return self.end_scoring == "end_token" or not text
+
+    def as_request(self) -> "SelectionRequest":
+        """This selection as a request's settings (auto weights as the numbers they came to),
+        for the requests one request makes (Cool+Rerank's Cool answer)."""
+        return SelectionRequest(self.rule, dict(self.weights) if self.rule == "weighted" else None,
+                                self.end_scoring, {m: False for m in self.no_end})
 
     def describe(self) -> dict:
         """The rule as the trace records it."""
@@ -122,19 +128,24 @@ def check(req: SelectionRequest, models: Sequence[str], default_rule: str = "mea
                                      f"not {req.weights!r}", param="fusion.weights")
         else:
             check_weights(req.weights, models, "fusion.weights")
-    for name in req.score_end or {}:
-        if name not in models:
-            raise InvalidRequest(f"fusion.score_end names {name!r}, which is not a source model "
-                                 f"(they are: {', '.join(models)})", param="fusion.score_end")
-        if not isinstance(req.score_end[name], bool):
+    check_names(req.score_end or {}, models, "fusion.score_end")
+    for name, counts in (req.score_end or {}).items():
+        if not isinstance(counts, bool):
             raise InvalidRequest(f"fusion.score_end.{name} must be true or false", param="fusion.score_end")
 
 
-def check_weights(weights: Mapping[str, float], models: Sequence[str], param: str) -> None:
-    for name, w in weights.items():
+def check_names(per_model: Mapping[str, object], models: Sequence[str], param: str) -> None:
+    """Every key of a per-model setting (`param`) names a source model."""
+    for name in per_model:
         if name not in models:
-            raise InvalidRequest(f"{param} names {name!r}, which is not a source model "
+            raise InvalidRequest(f"{param}.{name}: {name!r} is not a source model "
                                  f"(they are: {', '.join(models)})", param=param)
+
+
+def check_weights(weights: Mapping[str, float], models: Sequence[str], param: str) -> None:
+    """Per-model weights (`param`): source models, finite, >= 0, one of them above 0."""
+    check_names(weights, models, param)
+    for name, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
             raise InvalidRequest(f"{param}.{name} must be a finite number >= 0, not {w!r}", param=param)
     if weights and not any(weights.get(m, 1.0) > 0 for m in models):

@@ -56,10 +56,8 @@ class TokenizerSide:
 
     def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
         """Token ids of `text` and the char offset where each starts."""
-        t = time.perf_counter()
-        enc = self._backend.encode(text, add_special_tokens=False)
-        self.tok_seconds += time.perf_counter() - t
-        return enc.ids, [s for s, _ in enc.offsets]
+        ids, starts, _ = self.encode_with_ends(text)
+        return ids, starts
 
     def decode(self, ids: list[int], *, skip_special: bool = False) -> str:
         t = time.perf_counter()
