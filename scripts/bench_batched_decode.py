@@ -5,7 +5,7 @@
 For each configured model (config.yaml) and each B, every request holds `context` tokens and
 decodes one token; the step is timed as
   alone         B separate single-request forwards through today's path (GrowingLayer cache)
-  views         one fusion.batched_forward.forward, per-item SDPA on slot views, enable_gqa
+  views         one coolfusion.runtime.batched_forward.forward, per-item SDPA on slot views, enable_gqa
   views/repeat  the same with repeat_kv copies (what transformers' sdpa does under a mask)
   gather        one forward, padded attention over the items' rows gathered per layer
   padded        views, padded to max(B) rows (load-invariant logits: Runner(pad_decode_to))
@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fusion import kvcache  # noqa: E402
-from fusion.batched_forward import Item, forward  # noqa: E402
-from fusion.slots import SlotStorage  # noqa: E402
+from coolfusion.runtime import kvcache  # noqa: E402
+from coolfusion.runtime.batched_forward import Item, forward  # noqa: E402
+from coolfusion.runtime.slots import SlotStorage  # noqa: E402
 
 
 def alone_step(model, kw, caches, ctx, tok):
@@ -100,8 +100,8 @@ def main(argv=None):
     torch.set_grad_enabled(False)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from fusion.config import load_config
-    from fusion.loading import load_model, resolve_source
+    from coolfusion.config import load_config
+    from coolfusion.runtime.loading import load_model, resolve_source
 
     cfg = load_config(ROOT / "config.yaml")
     want = set(filter(None, args.models.split(",")))

@@ -11,8 +11,8 @@ cd "$(dirname "$0")/.."
 case "${1:-}" in
   stage)
     .venv/bin/python - <<'PY'
-from fusion.config import load_config
-from fusion.loading import load_tokenizer, resolve_source
+from coolfusion.config import load_config
+from coolfusion.runtime.loading import load_tokenizer, resolve_source
 for m, d in zip(load_config("config.yaml").models, (".tok/smol", ".tok/gemma")):
     load_tokenizer(resolve_source(m)).save_pretrained(d)
 PY
@@ -30,10 +30,10 @@ PY
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
     python3 -m pytest -q -p no:cacheprovider tests/unit tests/test_tiny_random.py tests/test_words.py \
       tests/test_batched_forward.py tests/test_runner.py -k "not real" 2>&1 | tee "$out/tests.log"
-    python3 -m bench.speed --shapes llama3-8b,phi3-mini,glm4-9b --tokenizers .tok/smol,.tok/gemma,.tok/smol \
+    python3 -m coolfusion.bench.speed --shapes llama3-8b,phi3-mini,glm4-9b --tokenizers .tok/smol,.tok/gemma,.tok/smol \
       --prompts 2 --max-tokens 48 --growth-steps 10 --growth-repeats 2 \
       --json "$out/bench_paper_shapes.json" 2>&1 | tee "$out/bench.log"
-    python3 -m bench.speed --shapes llama3-8b,phi3-mini,glm4-9b --tokenizers .tok/smol,.tok/gemma,.tok/smol \
+    python3 -m coolfusion.bench.speed --shapes llama3-8b,phi3-mini,glm4-9b --tokenizers .tok/smol,.tok/gemma,.tok/smol \
       --concurrency 1,8 --max-tokens 32 --json "$out/bench_concurrency.json" 2>&1 | tee "$out/bench_concurrency.log"
     ;;
   *)

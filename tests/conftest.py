@@ -17,7 +17,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def config():
-    from fusion.config import load_config
+    from coolfusion.config import load_config
 
     return load_config(CONFIG)
 
@@ -25,7 +25,7 @@ def config():
 @pytest.fixture(scope="session")
 def engine(config):
     """The real engine on the two embedded models (SmolLM2-135M-Instruct + Gemma 3 270M)."""
-    from fusion.engine import Engine
+    from coolfusion.engine.engine import Engine
 
     return Engine.from_config(config)
 
@@ -39,7 +39,7 @@ def tokenizers():
     saved = os.environ.get("COOLFUSION_TEST_TOKENIZERS")
     if saved:
         return [AutoTokenizer.from_pretrained(d) for d in saved.split(",")]
-    from fusion.config import load_config
-    from fusion.loading import load_tokenizer, resolve_source
+    from coolfusion.config import load_config
+    from coolfusion.runtime.loading import load_tokenizer, resolve_source
 
     return [load_tokenizer(resolve_source(m)) for m in load_config(CONFIG).models]

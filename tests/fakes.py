@@ -26,8 +26,8 @@ from typing import Iterator
 
 import torch
 
-from fusion.errors import Cancelled, ContextLengthExceeded, FusionError, InvalidRequest, UnknownModel
-from fusion.types import VARIANTS, Candidate, GenerationRequest, Step
+from coolfusion.core.errors import Cancelled, ContextLengthExceeded, FusionError, InvalidRequest, UnknownModel
+from coolfusion.core.types import VARIANTS, Candidate, GenerationRequest, Step
 
 _WORD = re.compile(r"\s*\S+")
 
@@ -99,9 +99,9 @@ def byte_token_ids(tokenizer) -> list[int]:
 def scripted_worker(name: str, tokenizer, seq: list[int], splitters=None, *, fast: bool = True,
                     context_limit: int | None = None, **kw):
     """A real LocalWorker over a ScriptedModel that writes `seq` (prompt + continuation)."""
-    from fusion.loading import LoadedModel
-    from fusion.local_worker import LocalWorker
-    from fusion.worker_protocol import WorkerOptions
+    from coolfusion.runtime.loading import LoadedModel
+    from coolfusion.workers.local import LocalWorker
+    from coolfusion.workers.protocol import WorkerOptions
 
     model = ScriptedModel(seq, tokenizer.eos_token_id, len(tokenizer), **kw)
     options = WorkerOptions(tuple(splitters or ()), fast)
@@ -113,9 +113,9 @@ def scripted_engine(*scripts: str, prompt: str = "Say:", fast: bool = True, max_
                     context_limit: int | None = None):
     """An Engine over scripted models m0, m1, ... on the byte tokenizer: model i writes
     `scripts[i]` after `prompt`, and gives every other token the same low logit."""
-    from fusion.config import FusionConfig
-    from fusion.engine import Engine
-    from fusion.words import WordStarts
+    from coolfusion.config import FusionConfig
+    from coolfusion.engine.engine import Engine
+    from coolfusion.core.words import WordStarts
 
     tok = byte_tokenizer()
     ids = tok.backend_tokenizer.encode(prompt).ids

@@ -19,8 +19,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusion.batched_forward import Item, block_pattern, forward, install
-from fusion.slots import KVRoomError, SlotStorage
+from coolfusion.runtime.batched_forward import Item, block_pattern, forward, install
+from coolfusion.runtime.slots import KVRoomError, SlotStorage
 
 from tiny_models import TOL_TINY, full_logits, rand_ids, tiny_gemma3, tiny_llama  # noqa: E402
 
@@ -178,7 +178,7 @@ def alone_logits(model, ids: list[int], steps: list[int]) -> list[torch.Tensor]:
     """Today's path: one request in a GrowingLayer DynamicCache; prefill, then one token per step."""
     import inspect
 
-    from fusion import kvcache
+    from coolfusion.runtime import kvcache
 
     kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache = kvcache.new_cache()
@@ -278,7 +278,7 @@ def test_softcapped_attention_matches_transformers_eager_softcap():
     """A model that passes `softcap` gets transformers' own softcapping (Gemma's eager path)."""
     from transformers.models.gemma3.modeling_gemma3 import eager_attention_forward
 
-    from fusion.batched_forward import _sdpa
+    from coolfusion.runtime.batched_forward import _sdpa
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn((1, 4, 3, 16), generator=g) * 3  # (1, Hq, t, D)

@@ -1,5 +1,5 @@
 """`fusion.batching: true` on the real pair: the forwards of concurrent requests batched per
-model over KV slots (fusion/batched_runner.py) give every request the text it gets alone.
+model over KV slots (coolfusion/runtime/batched_runner.py) give every request the text it gets alone.
 
 The pinned greedy outputs (tests/data/pinned_outputs.json, recorded with one forward per
 request) are run all at once (two of them twice) through one engine whose runners batch;
@@ -15,9 +15,9 @@ import pytest
 from pinned_requests import REQUESTS
 from test_pinned_outputs import PINNED, _request
 
-from fusion.config import FusionConfig
-from fusion.errors import Overloaded
-from fusion.types import GenerationRequest
+from coolfusion.config import FusionConfig
+from coolfusion.core.errors import Overloaded
+from coolfusion.core.types import GenerationRequest
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_no_free_slot_waits_then_refuses_with_429(batched):
 
 
 def test_a_prefill_longer_than_a_chunk_is_fed_in_chunks_and_gives_the_same_text(engine, batched):
-    from fusion.batched_runner import PREFILL_CHUNK
+    from coolfusion.runtime.batched_runner import PREFILL_CHUNK
 
     prompt = "The quick brown fox jumps over the lazy dog. " * 60 + "Then the fox"
     w = batched.workers[0]

@@ -9,11 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fusion import loop
-from fusion.engine import Engine
-from fusion.loading import LoadedModel
-from fusion.errors import Cancelled, ContextLengthExceeded, InvalidRequest, UnknownModel
-from fusion.types import GenerationRequest, Message
+from coolfusion.core import loop
+from coolfusion.engine.engine import Engine
+from coolfusion.runtime.loading import LoadedModel
+from coolfusion.core.errors import Cancelled, ContextLengthExceeded, InvalidRequest, UnknownModel
+from coolfusion.core.types import GenerationRequest, Message
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Q: What is 12 times 3?\nA:"]
 
@@ -24,7 +24,7 @@ def text_of(steps):
 
 def clone_engine(engine, indices, names=None, **fusion):
     """An engine over already-loaded models (e.g. one model twice)."""
-    from fusion.config import FusionConfig
+    from coolfusion.config import FusionConfig
 
     models, templates = [], {}
     for j, i in enumerate(indices):

@@ -1,8 +1,8 @@
-"""Answer extraction and metrics of the evaluation tasks (evaluation/metrics.py)."""
+"""Answer extraction and metrics of the evaluation tasks (coolfusion/evaluation/metrics.py)."""
 
 import pytest
 
-from evaluation import metrics
+from coolfusion.evaluation import metrics
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -19,14 +19,14 @@ import uvicorn
 from fastapi import Body, FastAPI
 from fastapi.responses import JSONResponse
 
-from evaluation import cli
-from evaluation.columns import Column
-from evaluation.report import PPL_ROW, build_report, write_report
-from evaluation.runner import ResultsMismatch, answer_ppl, find_trace, load_results, run_task
-from evaluation.tasks import load_task
+from coolfusion.evaluation import cli
+from coolfusion.evaluation.columns import Column
+from coolfusion.evaluation.report import PPL_ROW, build_report, write_report
+from coolfusion.evaluation.runner import ResultsMismatch, answer_ppl, find_trace, load_results, run_task
+from coolfusion.evaluation.tasks import load_task
 
 
-# Trace of "oracle" in the server's shape (server/response_bodies.py: `winner` is the winning
+# Trace of "oracle" in the server's shape (coolfusion/server/response_bodies.py: `winner` is the winning
 # candidate's first proposer): winners' mean PPLs 2.0, (unscored: all agreed), 4.0 -> 3.0.
 ORACLE_TRACE = [
     {"text": "The", "winner": "oracle-a", "eos": False, "candidates": [
@@ -327,12 +327,12 @@ def test_report_writes_md_json_png_for_two_metrics(tmp_path, monkeypatch):
 
 
 def test_python_dash_m_evaluation_runs():
-    r = subprocess.run([sys.executable, "-m", "evaluation", "--help"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "coolfusion.evaluation", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--concurrency" in r.stdout and "--report-only" in r.stdout
 
 
 def test_report_only_orders_models_as_the_run_did_whatever_order_answers_landed_in():
-    from evaluation.runner import models_in_column_order
+    from coolfusion.evaluation.runner import models_in_column_order
 
     landed = [{"model": "wrong", "column": 1}, {"model": "oracle", "column": 0}, {"model": "wrong", "column": 1}]
     assert models_in_column_order(landed) == ["oracle", "wrong"]
@@ -343,7 +343,7 @@ def test_report_only_orders_models_as_the_run_did_whatever_order_answers_landed_
 
 
 def test_column_labels_split_into_a_model_id_and_fusion_settings():
-    from evaluation.columns import parse_column, split_columns
+    from coolfusion.evaluation.columns import parse_column, split_columns
 
     assert parse_column("cool-fusion") == Column("cool-fusion", "cool-fusion")
     assert parse_column("cool-fusion:geo_mean_ppl").fusion == {"select": "geo_mean_ppl"}

@@ -1,11 +1,11 @@
-"""Task readers and prompts against the real data files (evaluation/tasks.py)."""
+"""Task readers and prompts against the real data files (coolfusion/evaluation/tasks.py)."""
 
 import json
 
 import pytest
 
-from evaluation import tasks
-from evaluation.tasks import TaskError, load_task
+from coolfusion.evaluation import tasks
+from coolfusion.evaluation.tasks import TaskError, load_task
 
 DATA = tasks.default_data_dir()  # found exactly as `coolfusion eval` finds it
 

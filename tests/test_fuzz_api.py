@@ -39,10 +39,10 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from fusion.config import ServerConfig  # noqa: E402
-from server.app import create_app  # noqa: E402
-from server.schemas import REFUSED_FIELDS  # noqa: E402
-from server.testing import serve_in_thread  # noqa: E402
+from coolfusion.config import ServerConfig  # noqa: E402
+from coolfusion.server.app import create_app  # noqa: E402
+from coolfusion.server.schemas import REFUSED_FIELDS  # noqa: E402
+from coolfusion.server.testing import serve_in_thread  # noqa: E402
 
 API_KEY = "fuzz-key"
 MAX_EXAMPLES = 40  # hypothesis examples per operation (after the coverage phase's fixed cases)

@@ -2,9 +2,9 @@
 
 Emoji (ZWJ sequences, flags, skin tones), CJK, RTL with bidi controls, combining marks,
 long whitespace runs, control characters, zero-width characters, and lone surrogates:
-- word starts and the aligned-segment cut (fusion/words.py) on both real tokenizers: no
+- word starts and the aligned-segment cut (coolfusion/core/words.py) on both real tokenizers: no
   crash, offsets sorted and in range, the cut a word start common to both;
-- a real LocalWorker's propose/commit loop (fusion/local_worker.py) driven by a scripted stand-in
+- a real LocalWorker's propose/commit loop (coolfusion/workers/local.py) driven by a scripted stand-in
   for the model, so the "model" writes exactly the hostile text (or arbitrary byte tokens,
   including ones that are not UTF-8): every proposal is valid UTF-8, the proposals rejoin
   into the model's text, and no proposal runs past the cap by more than one character;
@@ -24,12 +24,12 @@ from fakes import FakeEngine, byte_token_ids, scripted_worker
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusion.config import ServerConfig
-from fusion.errors import InvalidRequest
-from fusion.types import GenerationRequest, Message
-from fusion.words import REPLACEMENT, WordStarts, common_starts, first_boundary
-from server.app import create_app
-from server.testing import serve_in_thread, sse_data
+from coolfusion.config import ServerConfig
+from coolfusion.core.errors import InvalidRequest
+from coolfusion.core.types import GenerationRequest, Message
+from coolfusion.core.words import REPLACEMENT, WordStarts, common_starts, first_boundary
+from coolfusion.server.app import create_app
+from coolfusion.server.testing import serve_in_thread, sse_data
 
 FUZZ = settings(max_examples=150, derandomize=True, database=None, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

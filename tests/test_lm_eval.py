@@ -32,11 +32,11 @@ import httpx
 import pytest
 from test_logprobs import fused_loglik, token_values
 
-from fusion.config import ServerConfig
-from fusion.types import COOL
-from server.app import create_app
-from server.cli import main as coolfusion
-from server.testing import serve_in_thread
+from coolfusion.config import ServerConfig
+from coolfusion.core.types import COOL
+from coolfusion.server.app import create_app
+from coolfusion.server.cli import main as coolfusion
+from coolfusion.server.testing import serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 INCLUDE_PATH = "tests/lm_eval_tasks"  # relative to ROOT, as in the README's command

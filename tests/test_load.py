@@ -1,4 +1,4 @@
-"""The load test (bench/load_test.py) in its short form, against the real engine (issue 7).
+"""The load test (coolfusion/bench/load_test.py) in its short form, against the real engine (issue 7).
 
 8 clients on loopback, mixed completions / chat x stream / non-stream over two prompts, two
 of them (a quarter) hanging up after their first streamed segment; max_tokens 8; 4 slots and
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import load_test
+from coolfusion.bench import load_test
 
 CLIENTS = 8
 MAX_TOKENS = 8

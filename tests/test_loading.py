@@ -1,4 +1,4 @@
-"""The first-start caches of fusion/loading.py (issue 15), on the real SmolLM2 GGUF.
+"""The first-start caches of coolfusion/runtime/loading.py (issue 15), on the real SmolLM2 GGUF.
 
 A GGUF model is dequantised once and saved as safetensors under COOLFUSION_CACHE; later
 starts load that. It must be the same model: the same tensors and the same logits.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fusion import loading
+from coolfusion.runtime import loading
 
 
 def _forbid_gguf(monkeypatch):

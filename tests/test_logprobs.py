@@ -16,11 +16,11 @@ import httpx
 import pytest
 import torch
 
-from fusion.config import ServerConfig
-from fusion.errors import InvalidRequest
-from fusion.types import COOL, GenerationRequest
-from server.app import create_app
-from server.testing import serve_in_thread, sse_data
+from coolfusion.config import ServerConfig
+from coolfusion.core.errors import InvalidRequest
+from coolfusion.core.types import COOL, GenerationRequest
+from coolfusion.server.app import create_app
+from coolfusion.server.testing import serve_in_thread, sse_data
 
 TOL = 1e-4  # float32 forwards of different lengths round differently, ~1e-6
 CTX = "Question: Which phrase is true?\nAnswer:"

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from pinned_requests import REQUESTS
 
-from fusion.selection import SelectionRequest
-from fusion.types import GenerationRequest, Message
+from coolfusion.core.selection import SelectionRequest
+from coolfusion.core.types import GenerationRequest, Message
 
 PINNED = json.loads((Path(__file__).parent / "data" / "pinned_outputs.json").read_text())["outputs"]
 

@@ -1,4 +1,4 @@
-"""`backend: ray` (fusion/ray_worker.py, fusion/ray_actor.py): the source models as Ray actors, on a local Ray
+"""`backend: ray` (coolfusion/workers/ray_proxy.py, coolfusion/workers/ray_actor.py): the source models as Ray actors, on a local Ray
 cluster on loopback (CPU) with the real embedded pair. The Ray tests are skipped when Ray is
 not installed (`pip install '.[ray]'`); the config tests run either way.
 """
@@ -13,9 +13,9 @@ import threading
 
 import pytest
 
-from fusion.config import Config, parse_config
-from fusion.errors import ConfigError, NotReady
-from fusion.types import GenerationRequest, Message
+from coolfusion.config import Config, parse_config
+from coolfusion.core.errors import ConfigError, NotReady
+from coolfusion.core.types import GenerationRequest, Message
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="Ray is not installed (pip install '.[ray]')")
@@ -66,7 +66,7 @@ def test_backend_ray_without_ray_installed_fails_at_start_up_naming_the_key(conf
 
 
 def test_importing_the_engine_does_not_import_ray():
-    code = "import sys, fusion.engine, fusion.config, fusion.loop; print('ray' in sys.modules)"
+    code = "import sys, coolfusion.engine.engine, coolfusion.config, coolfusion.core.loop; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -79,7 +79,7 @@ def ray_engine(config):
     """The engine with `backend: ray`: one actor per model on a fresh local cluster (loopback)."""
     import ray
 
-    from fusion.engine import Engine
+    from coolfusion.engine.engine import Engine
 
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
@@ -93,7 +93,7 @@ def ray_engine(config):
 @pytest.fixture(scope="module")
 def slow_ray_engine(config, ray_engine):
     """`fusion.fast_paths: false` under `backend: ray`, on the same local cluster."""
-    from fusion.engine import Engine
+    from coolfusion.engine.engine import Engine
 
     data = as_ray(config, num_cpus=0.5)
     data["fusion"] = {**data["fusion"], "fast_paths": False}
@@ -110,7 +110,7 @@ def comparable(steps):
 @needs_ray
 @pytest.mark.parametrize("req", REQUESTS, ids=["france", "code", "chat"])
 def test_ray_backend_gives_byte_identical_output_to_the_local_backend(engine, ray_engine, req):
-    from fusion.ray_worker import RayWorker
+    from coolfusion.workers.ray_proxy import RayWorker
 
     assert all(isinstance(w, RayWorker) for w in ray_engine.workers)
     local = list(engine.generate(req))

@@ -3,7 +3,7 @@
 A refused field gets a 400 naming it (`param`) with code `unsupported_parameter`; its no-op
 values, listed in the README, are accepted and change nothing; so do the accepted fields.
 The tables are read from README.md, and their refused fields must be exactly the ones the
-request models refuse (server.schemas.REFUSED_FIELDS), so README and code stay in step.
+request models refuse (coolfusion.server.schemas.REFUSED_FIELDS), so README and code stay in step.
 Real uvicorn on loopback around the fake engine (only HTTP and validation are under test).
 """
 
@@ -17,10 +17,10 @@ import httpx
 import pytest
 from fakes import FakeEngine
 
-from fusion.config import ServerConfig
-from server.app import create_app
-from server.schemas import REFUSED_FIELDS, ChatCompletionRequest, CompletionRequest
-from server.testing import serve_in_thread
+from coolfusion.config import ServerConfig
+from coolfusion.server.app import create_app
+from coolfusion.server.schemas import REFUSED_FIELDS, ChatCompletionRequest, CompletionRequest
+from coolfusion.server.testing import serve_in_thread
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ROUTES = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}

@@ -7,9 +7,9 @@ import threading
 import pytest
 import torch
 
-from fusion.batched_forward import Item
-from fusion.runner import Runner
-from fusion.slots import SlotStorage
+from coolfusion.runtime.batched_forward import Item
+from coolfusion.runtime.batch_scheduler import Runner
+from coolfusion.runtime.slots import SlotStorage
 from tiny_models import TOL_TINY, full_logits, rand_ids, tiny_gemma3
 
 

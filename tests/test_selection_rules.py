@@ -1,4 +1,4 @@
-"""Selection rules beyond the paper (fusion/selection.py) on the real embedded pair.
+"""Selection rules beyond the paper (coolfusion/core/selection.py) on the real embedded pair.
 
 For every rule: each traced winner is the argmin of the rule's combined score over its
 step's candidates, and the score recorded is the rule's combination of the per-model
@@ -12,11 +12,11 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from fusion.config import FusionConfig, ServerConfig
-from fusion.selection import RULES, Selection, SelectionRequest
-from fusion.types import GenerationRequest
-from server.app import create_app
-from server.testing import serve_in_thread
+from coolfusion.config import FusionConfig, ServerConfig
+from coolfusion.core.selection import RULES, Selection, SelectionRequest
+from coolfusion.core.types import GenerationRequest
+from coolfusion.server.app import create_app
+from coolfusion.server.testing import serve_in_thread
 
 PROMPT = "The three primary colors are"
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"

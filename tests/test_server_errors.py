@@ -14,9 +14,9 @@ import openai
 import pytest
 from fakes import FakeEngine
 
-from fusion.config import ServerConfig
-from server.app import app_state, create_app
-from server.testing import serve_in_thread, sse_data
+from coolfusion.config import ServerConfig
+from coolfusion.server.app import app_state, create_app
+from coolfusion.server.testing import serve_in_thread, sse_data
 
 KEY = "sk-test-0123456789-secret"
 

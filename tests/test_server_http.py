@@ -15,10 +15,10 @@ import openai
 import pytest
 from fakes import FakeEngine, words
 
-from fusion.config import ServerConfig
-from fusion.types import VARIANTS, GenerationRequest, Message
-from server.app import create_app
-from server.testing import serve_in_thread, sse_data
+from coolfusion.config import ServerConfig
+from coolfusion.core.types import VARIANTS, GenerationRequest, Message
+from coolfusion.server.app import create_app
+from coolfusion.server.testing import serve_in_thread, sse_data
 
 
 @pytest.fixture(scope="module")

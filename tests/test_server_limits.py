@@ -17,10 +17,10 @@ import pytest
 from fakes import FakeEngine, words
 from prometheus_client.parser import text_string_to_metric_families
 
-from fusion.config import ServerConfig
-from fusion.types import GenerationRequest
-from server.app import create_app
-from server.testing import serve_in_thread, sse_data
+from coolfusion.config import ServerConfig
+from coolfusion.core.types import GenerationRequest
+from coolfusion.server.app import create_app
+from coolfusion.server.testing import serve_in_thread, sse_data
 
 SEGMENT_S = 0.05
 
@@ -216,7 +216,7 @@ def test_a_broken_request_does_not_affect_a_concurrent_good_one():
 
 
 def good_messages():
-    from fusion.types import Message
+    from coolfusion.core.types import Message
 
     return (Message("user", "good one"),)
 

@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from server.app import create_app
-from server.testing import serve_in_thread, sse_data
+from coolfusion.server.app import create_app
+from coolfusion.server.testing import serve_in_thread, sse_data
 
 
 @pytest.fixture(scope="module")

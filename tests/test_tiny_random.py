@@ -12,11 +12,11 @@ import math
 import pytest
 import torch
 
-from fusion import loop
-from fusion.config import FusionConfig
-from fusion.engine import Engine
-from fusion.loading import LoadedModel
-from fusion.types import GenerationRequest
+from coolfusion.core import loop
+from coolfusion.config import FusionConfig
+from coolfusion.engine.engine import Engine
+from coolfusion.runtime.loading import LoadedModel
+from coolfusion.core.types import GenerationRequest
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -84,7 +84,7 @@ def test_growing_kv_cache_matches_dynamic_cache_and_appends_in_place(tiny_engine
     writes into the storage it already has (no copy of the cache per token)."""
     from transformers import DynamicCache
 
-    from fusion import kvcache
+    from coolfusion.runtime import kvcache
 
     model = tiny_engine.workers[1].runner.model  # Gemma-3 shaped: sliding and full layers
     cache_kw = tiny_engine.workers[1].runner.cache_kw  # the forward's name for the cache
@@ -136,7 +136,7 @@ def test_benchmark_figures_follow_their_definitions(tiny_engine):
     really produced, and the result is JSON."""
     import json
 
-    from bench import speed as bench
+    from coolfusion.bench import speed as coolfusion.bench
 
     res = bench.measure(tiny_engine, bench.PROMPTS[:2], 8, growth_steps=2, growth_repeats=1)
     names = tiny_engine.source_names

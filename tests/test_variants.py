@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fusion import loop
-from fusion.types import GenerationRequest, Message
-from fusion.words import common_starts
+from coolfusion.core import loop
+from coolfusion.core.types import GenerationRequest, Message
+from coolfusion.core.words import common_starts
 
 PROMPT = "Q: What is the largest planet in our solar system?\nA:"
 

@@ -1,4 +1,4 @@
-"""The built-in chat page (server/static/) in a real headless browser, against the real models.
+"""The built-in chat page (coolfusion/server/static/) in a real headless browser, against the real models.
 
 Debian's chromium driven by Playwright for Python (`apt-get install chromium`,
 `pip install playwright`; never `playwright install`, which downloads a browser). Every test
@@ -21,9 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fusion.config import ServerConfig
-from server.app import create_app
-from server.testing import serve_in_thread, sse_data
+from coolfusion.config import ServerConfig
+from coolfusion.server.app import create_app
+from coolfusion.server.testing import serve_in_thread, sse_data
 
 try:
     from playwright.sync_api import sync_playwright

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusion.words import REPLACEMENT, WordStarts, common_starts, first_boundary
+from coolfusion.core.words import REPLACEMENT, WordStarts, common_starts, first_boundary
 
 DATA = Path(__file__).resolve().parents[1] / "evaluation" / "data" / "word_starts_examples.json"  # shipped
 

@@ -1,4 +1,4 @@
-"""Admission control (server.admission) on its own: slots, the FIFO queue, 429 beyond it,
+"""Admission control (coolfusion.server.admission) on its own: slots, the FIFO queue, 429 beyond it,
 queue timeouts, hand-over of a released slot, shutdown (fast tier)."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("fastapi")  # the server package; absent only on the bare GPU image of device_check.sh
 
-from fusion.errors import Overloaded  # noqa: E402
-from server.admission import Admission  # noqa: E402
-from server.errors import QueueTimeout, ShuttingDown  # noqa: E402
+from coolfusion.core.errors import Overloaded  # noqa: E402
+from coolfusion.server.admission import Admission  # noqa: E402
+from coolfusion.server.errors import QueueTimeout, ShuttingDown  # noqa: E402
 
 
 def run(coro):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fakes import scripted_engine as engine
 
-from bench import concurrency
+from coolfusion.bench import concurrency
 
 
 def test_levels_report_aggregate_rate_speedup_and_identity_with_solo_runs():

@@ -1,6 +1,7 @@
 """The package layout's rules (docs/architecture.md, section 2), read from the source with
-`ast`: no import cycle among the project's modules, and the engine never imports the HTTP
-layer or Ray outside the two Ray modules (fast tier)."""
+`ast` (fast tier): one import root, no import cycle among the project's modules, `core`
+reaches no torch (directly or through the project modules it imports), nothing below the
+HTTP layer imports it, and only the Ray modules import ray."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("fusion", "server", "evaluation", "bench")
+PACKAGE = ROOT / "coolfusion"
+HEAVY = {"torch", "transformers", "accelerate", "gguf", "safetensors"}
+RAY_MODULES = {"coolfusion.workers.ray_actor", "coolfusion.workers.ray_proxy"}
+CLIENTS = ("coolfusion.server", "coolfusion.evaluation", "coolfusion.bench")
 
 
 def _module(path: Path) -> str:
@@ -16,26 +20,49 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _files() -> dict[str, Path]:
+    return {_module(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _imports(mod: str, path: Path, modules: set[str] = frozenset()) -> set[str]:
+    """Every dotted name the file imports (at any depth: lazy imports count), made absolute."""
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            subs = {f"{base}.{a.name}" for a in node.names}
+            # `from pkg import module` imports the module, not the package's own names
+            names |= subs if subs <= modules else {base} | subs
+    return names
+
+
 def import_graph() -> dict[str, set[str]]:
-    """module -> project modules it imports (at any depth of the file: lazy imports count)."""
-    files = {_module(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for mod, path in files.items():
-        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-        deps = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(up + ([base] if base else []))
-                names = [base] + [f"{base}.{a.name}" for a in node.names]
-            deps |= {n for n in names if n in files and n != mod}
-        graph[mod] = deps
-    return graph
+    """module -> project modules it imports."""
+    files = _files()
+    mods = set(files)
+    return {m: {n for n in _imports(m, p, mods) if n in files and n != m} for m, p in files.items()}
+
+
+def external(mod: str) -> set[str]:
+    """The top-level names of the non-project packages a module imports."""
+    files = _files()
+    return {n.split(".")[0] for n in _imports(mod, files[mod]) if not n.startswith("coolfusion")}
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        for d in graph[m] - seen:
+            seen.add(d)
+            todo.append(d)
+    return seen
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -56,9 +83,14 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def test_one_import_root():
+    tops = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
+    assert tops == {"coolfusion"}
+
+
 def test_no_import_cycle_among_the_projects_modules():
     graph = import_graph()
-    assert "fusion.engine" in graph and graph["fusion.engine"], "the graph was not read"
+    assert graph["coolfusion.engine.engine"], "the graph was not read"
     assert cycles(graph) == []
 
 
@@ -66,17 +98,24 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
 
-def test_the_engine_imports_neither_http_nor_ray_outside_the_ray_modules():
+def test_the_core_reaches_no_torch():
+    graph = import_graph()
+    core = [m for m in graph if m.startswith("coolfusion.core")]
+    assert len(core) > 5
+    for mod in core:
+        for dep in reachable(graph, mod) | {mod}:
+            assert not external(dep) & HEAVY, f"{mod} reaches {dep}, which imports {external(dep) & HEAVY}"
+            assert not dep.startswith(("coolfusion.runtime", "coolfusion.engine", *CLIENTS)), (mod, dep)
+
+
+def test_nothing_below_the_http_layer_imports_it():
     graph = import_graph()
     for mod, deps in graph.items():
-        if mod.startswith("fusion"):
-            assert not any(d.startswith(("server", "bench", "evaluation")) for d in deps), mod
-    ray_modules = {"fusion.ray_actor", "fusion.ray_worker"}
-    for mod in graph:
-        if mod.startswith("fusion") and mod not in ray_modules:
-            src = (ROOT / (mod.replace(".", "/") + ".py"))
-            src = src if src.exists() else ROOT / mod.replace(".", "/") / "__init__.py"
-            tree = ast.parse(src.read_text())
-            top = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-            top |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module and not n.level}
-            assert "ray" not in top, mod
+        if not mod.startswith(CLIENTS):
+            assert not any(d.startswith(CLIENTS) for d in deps), mod
+
+
+def test_only_the_ray_modules_import_ray():
+    graph = import_graph()
+    importers = {m for m in graph if "ray" in external(m)}
+    assert importers == RAY_MODULES

@@ -1,14 +1,14 @@
-"""Stop strings and max_tokens on raw segments (fusion.output), with the byte tokenizer:
+"""Stop strings and max_tokens on raw segments (coolfusion.core.output), with the byte tokenizer:
 one token per byte, so token counts are character counts for ASCII (fast tier)."""
 
 from __future__ import annotations
 
 from fakes import byte_tokenizer
 
-from fusion.loop import RawStep
-from fusion.output import finish, held
-from fusion.tokenizer_side import TokenizerSide
-from fusion.types import GenerationRequest
+from coolfusion.core.loop import RawStep
+from coolfusion.core.output import finish, held
+from coolfusion.workers.tokenizer_side import TokenizerSide
+from coolfusion.core.types import GenerationRequest
 
 TOK = byte_tokenizer()
 REF = TokenizerSide("bytes", TOK, [TOK.eos_token_id])

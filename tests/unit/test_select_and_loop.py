@@ -12,8 +12,8 @@ import pytest
 from fakes import byte_tokenizer
 from fakes import scripted_engine as engine
 
-from fusion import loop
-from fusion.types import Candidate, GenerationRequest
+from coolfusion.core import loop
+from coolfusion.core.types import Candidate, GenerationRequest
 
 TOK = byte_tokenizer()
 PROMPT = "Say:"

@@ -1,4 +1,4 @@
-"""The selection rules of fusion.selection, their checks, and the loop applying them (fast tier).
+"""The selection rules of coolfusion.core.selection, their checks, and the loop applying them (fast tier).
 
 The rules are checked against their formulas on hand-made perplexities; the loop part runs
 two scripted models (tests/fakes.py) that disagree at every step and checks, for every rule,
@@ -12,9 +12,9 @@ import math
 import pytest
 from fakes import scripted_engine as engine
 
-from fusion.errors import InvalidRequest
-from fusion.selection import RULES, Selection, SelectionRequest, auto_weights, check
-from fusion.types import GenerationRequest
+from coolfusion.core.errors import InvalidRequest
+from coolfusion.core.selection import RULES, Selection, SelectionRequest, auto_weights, check
+from coolfusion.core.types import GenerationRequest
 
 PPL = {"a": 2.0, "b": 8.0}
 
@@ -131,8 +131,8 @@ def test_how_an_ending_is_scored_decides_whether_the_turn_ends_with_its_text(end
 
 
 def test_the_configs_selection_settings_are_checked_at_start_up():
-    from fusion.config import parse_config
-    from fusion.errors import ConfigError
+    from coolfusion.config import parse_config
+    from coolfusion.core.errors import ConfigError
 
     models = [{"name": "a", "path": "x/a"}, {"name": "b", "path": "x/b"}]
 

@@ -1,5 +1,5 @@
-"""Request checks without a model (fusion.validation), and the limits shared with the HTTP
-schemas (fusion.limits): the engine and the API refuse the same values (fast tier)."""
+"""Request checks without a model (coolfusion.core.validation), and the limits shared with the HTTP
+schemas (coolfusion.core.limits): the engine and the API refuse the same values (fast tier)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pydantic import ValidationError
 
 pytest.importorskip("fastapi")  # the server package; absent only on the bare GPU image of device_check.sh
 
-from fusion import limits  # noqa: E402
-from fusion.errors import ContextLengthExceeded, InvalidRequest  # noqa: E402
-from fusion.types import GenerationRequest, Message  # noqa: E402
-from fusion.validation import check_context, check_fields  # noqa: E402
-from server.schemas import ChatCompletionRequest, CompletionRequest  # noqa: E402
+from coolfusion.core import limits  # noqa: E402
+from coolfusion.core.errors import ContextLengthExceeded, InvalidRequest  # noqa: E402
+from coolfusion.core.types import GenerationRequest, Message  # noqa: E402
+from coolfusion.core.validation import check_context, check_fields  # noqa: E402
+from coolfusion.server.schemas import ChatCompletionRequest, CompletionRequest  # noqa: E402
 
 
 @pytest.mark.parametrize("req, param", [

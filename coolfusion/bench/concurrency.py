@@ -1,0 +1,106 @@
+"""`coolfusion bench --concurrency 1,2,4,8`: throughput under load, in one run.
+
+For each level c, c client threads run at once through the engine (no HTTP: what is
+measured is the engine's use of the models), each a greedy request of its own over a fixed
+set of prompts, for `cool-fusion` and for each source model alone. Printed per (model id,
+c): aggregate characters/s over all clients, the median and worst per-request latency, and
+the aggregate's ratio to c = 1 (`speedup`). Every output is compared with the same request
+run alone first: greedy outputs must not depend on load (`identical`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+
+from coolfusion.core.types import COOL, GenerationRequest
+
+PROMPTS = [
+    "The history of the city of Paris begins",
+    "Here is a short Python function that reverses a list:\n",
+    "Q: Tom has 3 apples and buys 5 more. How many apples does he have?\nA:",
+    "Write a short story about a robot who learns to paint.\n",
+    "The three primary colours are",
+    "A good breakfast should include",
+    "The main causes of the French Revolution were",
+    "def is_prime(n):",
+]
+
+
+def _request(i: int, model: str, max_tokens: int, prompts=PROMPTS) -> GenerationRequest:
+    return GenerationRequest(prompt=prompts[i % len(prompts)], model=model, max_tokens=max_tokens)
+
+
+def _text(engine, req: GenerationRequest) -> str:
+    return "".join(s.text for s in engine.generate(req))
+
+
+def level(engine, model: str, clients: int, max_tokens: int, solo: dict[int, str], prompts=PROMPTS) -> dict:
+    """`clients` threads at once, client i running request i; figures of that level."""
+    barrier = threading.Barrier(clients)
+    out: dict[int, tuple[str, float]] = {}
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        req = _request(i, model, max_tokens, prompts)
+        barrier.wait()
+        t0 = time.perf_counter()
+        try:
+            out[i] = (_text(engine, req), time.perf_counter() - t0)
+        except BaseException as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+
+    runners = [w.runner for w in engine.workers if hasattr(getattr(w, "runner", None), "items")]
+    counts0 = [(r.forwards, r.items) for r in runners]
+    busy0 = [r.busy_s for r in runners]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    latencies = [lat for _, lat in out.values()]
+    chars = sum(len(text) for text, _ in out.values())
+    forwards = sum(r.forwards - f for r, (f, _) in zip(runners, counts0))
+    items = sum(r.items - n for r, (_, n) in zip(runners, counts0))
+    return {"clients": clients, "seconds": wall, "chars": chars, "chars_per_s": chars / wall,
+            "mean_batch": items / forwards if forwards else None,
+            "model_busy": [(r.busy_s - b) / wall for r, b in zip(runners, busy0)],  # per model, 0-1
+            "latency_median_s": statistics.median(latencies), "latency_max_s": max(latencies),
+            "identical": all(out[i][0] == solo[i] for i in out)}
+
+
+def measure(engine, levels: list[int], max_tokens: int, models: list[str] | None = None, prompts=PROMPTS) -> dict:
+    models = models or [COOL, *engine.source_names]
+    _text(engine, _request(0, COOL, 8, prompts))  # warm-up
+    res: dict = {"max_tokens": max_tokens, "levels": levels, "models": {}}
+    for model in models:
+        solo = {i: _text(engine, _request(i, model, max_tokens, prompts)) for i in range(max(levels))}
+        rows = [level(engine, model, c, max_tokens, solo, prompts) for c in levels]
+        base = rows[0]["chars_per_s"] if rows[0]["clients"] == 1 else None
+        for r in rows:
+            r["speedup"] = r["chars_per_s"] / base if base else None
+        res["models"][model] = rows
+    return res
+
+
+def with_runner(engine, *, batching: bool):
+    """An engine over the same loaded models with `fusion.batching` set (no second load)."""
+    return engine.with_fusion(engine.fusion.model_copy(update={"batching": batching}))
+
+
+def print_table(res: dict) -> None:
+    print(f"concurrency benchmark: max_tokens {res['max_tokens']}, one greedy request per client")
+    print(f"{'model id':22} {'clients':>7} {'chars/s':>8} {'speedup':>8} {'latency p50 s':>13} "
+          f"{'max s':>7} {'identical':>9} {'batch':>6} {'busy':>9}")
+    for model, rows in res["models"].items():
+        for r in rows:
+            speed = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"
+            print(f"{model:22} {r['clients']:7d} {r['chars_per_s']:8.1f} {speed:>8} {r['latency_median_s']:13.1f} "
+                  f"{r['latency_max_s']:7.1f} {str(r['identical']):>9} "
+                  f"{(format(r['mean_batch'], '6.2f') if r['mean_batch'] else '     -')} "
+                  f"{'/'.join(f'{b:.0%}' for b in r['model_busy']) or '-':>9}")

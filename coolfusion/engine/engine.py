@@ -1,0 +1,341 @@
+"""The engine: builds the workers, checks requests, runs a variant, yields steps.
+
+    engine = Engine.from_config(load_config("config.yaml"))
+    for step in engine.generate(GenerationRequest(prompt="The capital of France is")):
+        print(step.text, end="")
+
+`engine.start(request)` returns the running `Generation` (iterate it for the steps; its
+`stats` say where the time went). Token counts (`max_tokens`, `usage`) use a reference
+tokenizer: the model's own for a source-model id, the first configured model's for the
+fused variants. Checks live in `coolfusion.core.validation`, stop strings and `max_tokens` in
+`coolfusion.core.output`, the loop in `coolfusion.core.loop`, log-probs (`logprobs`, `echo`) in
+`coolfusion.engine.likelihood`; this module only orchestrates them.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Iterator, Sequence
+
+from coolfusion.core import chat
+from coolfusion.engine import likelihood
+from coolfusion.core import loop
+from coolfusion.core import output
+from coolfusion.core import selection
+from coolfusion.core import validation
+from coolfusion.config import Config, FusionConfig
+from coolfusion.core.errors import Cancelled, UnknownModel
+from coolfusion.runtime.loading import LoadedModel
+from coolfusion.core.types import COOL, COOL_RERANK, RERANK, VARIANTS, Candidate, GenerationRequest, Stats, Step
+from coolfusion.workers.protocol import Sampling, Worker
+
+
+class Generation:
+    """One request running in the engine. Iterate it for its `Step`s (blocking: run it in a
+    worker thread); `stats` grows as it runs; `close()` (or the end) frees its KV storage."""
+
+    def __init__(self, steps: Iterator[Step], stats: Stats):
+        self._steps = steps
+        self.stats = stats
+
+    def __iter__(self) -> Iterator[Step]:
+        return self._steps
+
+    def __next__(self) -> Step:
+        return next(self._steps)
+
+    def close(self) -> None:
+        self._steps.close()
+
+
+class Engine:
+    def __init__(self, workers: Sequence[Worker], fusion: FusionConfig | None = None,
+                 templates: dict[str, str | None] | None = None):
+        self.fusion = fusion or FusionConfig()
+        for w in workers:
+            if not isinstance(w, Worker):
+                raise TypeError(f"{w!r} does not implement coolfusion.workers.protocol.Worker")
+            if w.options.fast != self.fusion.fast_paths:
+                raise ValueError(f"worker {w.name!r} was built with fast={w.options.fast}, "
+                                 f"but fusion.fast_paths is {self.fusion.fast_paths}")
+        self.workers = list(workers)
+        self.templates = templates or {w.name: getattr(w.text.tokenizer, "chat_template", None) for w in workers}
+        self.source_names = [w.name for w in workers]
+        self._by_name = {w.name: w for w in workers}
+        # one thread per worker call of every request that may run at once: a call blocks on its
+        # model (a lock, or its batch), so a smaller pool would cap how many requests batch
+        calls = len(workers) * 2 * (self.fusion.kv_slots if self.fusion.batching else 1)
+        self._pool = ThreadPoolExecutor(max_workers=calls, thread_name_prefix="cf-worker") \
+            if self.fusion.parallel and self.fusion.fast_paths and len(workers) > 1 else None
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self.alternatives = likelihood.Alternatives()  # the fused ids' top alternatives, by prefix
+
+    # ---- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Engine":
+        """Load every configured model: in this process (`backend: local`) or one Ray actor
+        each (`backend: ray`, imported only then). Tokenizers load first: every worker is
+        built knowing every model's word rule."""
+        from coolfusion.runtime.loading import load, load_tokenizer, resolve_source
+        from coolfusion.workers.local import LocalWorker
+        from coolfusion.workers.protocol import WorkerOptions
+
+        tokenizers = [load_tokenizer(resolve_source(m)) for m in cfg.models]
+        options = WorkerOptions.for_tokenizers(tokenizers, cfg.fusion.fast_paths)
+        templates = {m.name: chat.resolve_template(m.chat_template, t) for m, t in zip(cfg.models, tokenizers)}
+        if cfg.backend == "ray":
+            from coolfusion.workers.ray_proxy import ray_workers
+
+            return cls(ray_workers(cfg, options, tokenizers), cfg.fusion, templates)
+        workers = [LocalWorker.from_loaded(load(m, tokenizer=t), options, cfg.fusion)
+                   for m, t in zip(cfg.models, tokenizers)]
+        return cls(workers, cfg.fusion, templates)
+
+    @classmethod
+    def from_models(cls, models: Sequence[LoadedModel], fusion: FusionConfig | None = None,
+                    templates: dict[str, str | None] | None = None) -> "Engine":
+        """An engine over models already in memory (tests, the benchmark's random weights)."""
+        from coolfusion.workers.local import local_workers
+
+        fusion = fusion or FusionConfig()
+        return cls(local_workers(models, fusion), fusion, templates)
+
+    def model_ids(self) -> list[str]:
+        return list(VARIANTS) + self.source_names
+
+    def with_fusion(self, fusion: FusionConfig) -> "Engine":
+        """An engine over the same loaded models (no second load) with other fusion settings,
+        e.g. `batching` on (tests, the concurrency benchmark). Local workers only."""
+        loaded = [getattr(w, "loaded", None) for w in self.workers]
+        if any(m is None for m in loaded):
+            raise TypeError("with_fusion needs workers built from loaded models (LocalWorker.from_loaded)")
+        return Engine.from_models(loaded, fusion, dict(self.templates))
+
+    @property
+    def default_max_tokens(self) -> int:
+        return self.fusion.default_max_tokens
+
+    def kv_report(self) -> dict[str, dict[str, int]]:
+        """Per source model whose runner holds KV slots (`fusion.batching`): slots, slots in
+        use, tokens per slot, bytes preallocated."""
+        return {w.name: w.runner.kv_report() for w in self.workers if hasattr(getattr(w, "runner", None), "kv_report")}
+
+    @property
+    def active_requests(self) -> int:
+        return self._active
+
+    @property
+    def ready(self) -> bool:
+        """False while a worker is unavailable (a Ray actor being restarted): /health 503."""
+        return all(w.healthy for w in self.workers)
+
+    def close(self) -> None:
+        """Release the thread pool and every worker's resources (Ray actors)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        for w in self.workers:
+            w.shutdown()
+
+    # ---- checks ----------------------------------------------------------------------------
+
+    def _auto_weights(self, req: GenerationRequest) -> dict[str, float]:
+        """`weights: auto`: each model's total NLL of its own prompt tokens (after the first),
+        from an exact full forward, per reference-tokenizer prompt token (coolfusion.core.selection)."""
+        def nll(w: Worker) -> float:
+            ids = self.prompt_ids(w, req)
+            return -sum(lp for lp, _ in w.sequence_logprobs(ids)) if len(ids) > 1 else 0.0
+
+        per = self.each_worker(nll, self.workers)
+        n = len(self.prompt_ids(self.workers[0], req))
+        return selection.auto_weights(dict(zip(self.source_names, per)), n, self.fusion.auto_temperature)
+
+    def participants(self, model: str) -> list[Worker]:
+        """The source models that model id `model` runs (UnknownModel if there is none)."""
+        if model in VARIANTS:
+            return self.workers
+        if model in self._by_name:
+            return [self._by_name[model]]
+        raise UnknownModel(f"The model {model!r} does not exist; available: {', '.join(self.model_ids())}",
+                           param="model")
+
+    def reference(self, model: str) -> Worker:
+        """The model whose tokens count `max_tokens` and `usage`, whose ids a token-id prompt
+        holds, and on whose tokens log-probs are reported: the first configured model for the
+        fused ids, the model itself for a source-model id."""
+        return self.participants(model)[0]
+
+    def _resolved(self, req: GenerationRequest, where: str = "prompt") -> GenerationRequest:
+        """`max_tokens` defaulted, and a token-id prompt checked and given its text."""
+        if req.max_tokens is None:
+            req = replace(req, max_tokens=self.default_max_tokens)
+        if req.prompt_ids is not None and req.prompt is None:
+            ref = self.reference(req.model)
+            validation.check_token_ids(req.prompt_ids, len(ref.text.tokenizer), ref.name, where)
+            req = replace(req, prompt=ref.text.decode(list(req.prompt_ids), skip_special=True))
+        return req
+
+    def prompt_ids(self, w: Worker, req: GenerationRequest) -> list[int]:
+        """Model `w`'s tokens of the request's prompt (its own chat template for messages; the
+        client's ids themselves for the reference model of a token-id prompt)."""
+        if req.prompt_ids is not None and w is self.reference(req.model):
+            return list(req.prompt_ids)
+        if req.messages is not None:
+            text = chat.render(req.messages, self.templates.get(w.name), w.text.tokenizer, w.name)
+            return w.text.encode(text, special=False)
+        return w.text.encode(req.prompt, special=True)
+
+    def check(self, req: GenerationRequest, where: str = "prompt") -> int:
+        """Validate a request before any work; return its prompt tokens (reference tokenizer).
+        `where` names a token-id prompt in errors (e.g. "prompt[2]" of a list of prompts)."""
+        workers = self.participants(req.model)
+        req = self._resolved(req, where)
+        validation.check_fields(req, fused=req.model in VARIANTS)
+        selection.check(req.selection, self.source_names, self.fusion.select)
+        counts = []
+        for w in workers:
+            counts.append(len(self.prompt_ids(w, req)))
+            validation.check_context(req, w.name, counts[-1], w.context_limit)
+        return counts[0]
+
+    # ---- generation --------------------------------------------------------------------------
+
+    def start(self, req: GenerationRequest, cancel: threading.Event | None = None) -> Generation:
+        """Check the request (raising its typed error now) and return it running lazily."""
+        req = self._resolved(req)
+        prompt_tokens = self.check(req)
+        stats = Stats()
+        return Generation(self._steps(req, prompt_tokens, cancel, stats), stats)
+
+    def generate(self, req: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Step]:
+        """Yield one Step per selected segment. Closing the generator (or setting `cancel`)
+        frees every KV cache of the request."""
+        running = self.start(req, cancel)
+        try:
+            yield from running
+        finally:
+            running.close()
+
+    def _steps(self, req, prompt_tokens, cancel, stats) -> Iterator[Step]:
+        with self._active_lock:
+            self._active += 1
+        runs: list[loop.Run] = []
+        try:
+            scores = likelihood.Likelihood(self, req, cancel) if req.logprobs is not None else None
+            echo = req.prompt if req.echo else ""
+            if req.max_tokens == 0:  # echo only: the prompt scored, nothing generated
+                yield Step("", req.model, False, (), "length", 0, prompt_tokens,
+                           logprobs=scores.step("") if scores else (), echo=echo)
+                return
+            fused = req.model in VARIANTS
+            # a single model never selects: its rule (and `auto` weights' forwards) only for its judge
+            sel = self.selection_for(req) if fused or req.judge else selection.Selection()
+            rule = sel.describe() if fused else None
+            raw = self._raw_steps(req, cancel, stats, runs, sel)
+            text = ""
+            for step in output.finish(raw, req, self.reference(req.model).text, prompt_tokens, cancel):
+                text += step.text
+                if step.finish_reason is not None and req.judge:
+                    step = replace(step, judge=self._judge(req, text, step.eos, cancel, stats, runs, sel))
+                if scores is not None:
+                    step = replace(step, logprobs=scores.step(text, step.eos, step.end_id,
+                                                              final=step.finish_reason is not None))
+                if echo:
+                    step, echo = replace(step, echo=echo), ""
+                yield replace(step, selection=rule) if rule is not None else step
+        finally:
+            for r in runs:
+                r.close()
+            with self._active_lock:
+                self._active -= 1
+
+    def open_run(self, req: GenerationRequest, cancel: threading.Event | None = None) -> loop.Run:
+        """The request's states on every participating worker, for driving the fusion loop
+        step by step (`loop.segments(run)`, or propose / assess / select / commit) in tests
+        and tools. The caller closes it: `run.close()` frees every KV cache."""
+        req = self._resolved(req)
+        self.check(req)
+        return self._open(self.participants(req.model), req, cancel, Stats(), [], self.selection_for(req),
+                          align=req.model == COOL)
+
+    def selection_for(self, req: GenerationRequest) -> selection.Selection:
+        """The request's selection rule: its `fusion` settings over the config's, with `auto`
+        weights computed from the prompt (coolfusion.core.selection)."""
+        r, f = req.selection, self.fusion
+        rule = r.select or f.select
+        weights = r.weights if r.weights is not None else f.weights
+        if rule != "weighted":
+            weights = {}
+        elif weights == selection.AUTO:
+            weights = self._auto_weights(req)
+        score_end = {**f.score_end, **(r.score_end or {})}
+        return selection.Selection(rule, dict(weights), r.end_scoring or f.end_scoring,
+                                   frozenset(m for m, counts in score_end.items() if not counts))
+
+    def each_worker(self, fn, workers: Sequence[Worker]) -> list:
+        """fn(worker) for each of `workers`, in parallel on the engine's pool when it has one."""
+        if self._pool is None or len(workers) == 1:
+            return [fn(w) for w in workers]
+        return [f.result() for f in [self._pool.submit(fn, w) for w in workers]]
+
+    def _open(self, workers, req, cancel, stats, runs, sel, *, align=True) -> loop.Run:
+        states, ends = [], []
+        for i, w in enumerate(workers):
+            seed = None if req.seed is None else req.seed + 1000 * i
+            states.append(w.open(self.prompt_ids(w, req), Sampling(req.temperature, req.top_p, seed)))
+            ends.append(w.text.chat_end if req.messages is not None else w.text.primary_end)
+        run = loop.Run(workers, states, ends, self._pool, cancel, self.fusion.max_segment_tokens, stats,
+                       score_mode=self.fusion.score, selection=sel, align=align, fast=self.fusion.fast_paths)
+        runs.append(run)
+        return run
+
+    def _raw_steps(self, req, cancel, stats, runs, sel) -> Iterator[loop.RawStep]:
+        if req.model in (RERANK, COOL_RERANK):
+            yield self._rerank(req, cancel, stats, runs, sel)
+            return
+        run = self._open(self.participants(req.model), req, cancel, stats, runs, sel,
+                         align=req.model == COOL)  # else each proposer's own boundaries
+        yield from loop.segments(run)
+
+    def complete_text(self, req: GenerationRequest, cancel=None) -> tuple[str, str]:
+        """Run a request to the end; return (text, finish_reason)."""
+        text, finish = [], None
+        for step in self.generate(req, cancel):
+            text.append(step.text)
+            finish = step.finish_reason
+        return "".join(text), finish
+
+    def _judge(self, req, text, eos, cancel, stats, runs, sel) -> Candidate:
+        """Every source model's PPL of a whole output after the prompt (paper Table 3, row 1),
+        and its score under the request's selection rule."""
+        run = self._open(self.workers, req, cancel, stats, runs, sel)
+        return loop.rerank(run, [(text, eos, (req.model,))]).candidates[0]
+
+    def _rerank(self, req, cancel, stats, runs, sel) -> loop.RawStep:
+        """Each source model (and, for Cool+Rerank, Cool) writes a whole answer, then every
+        model scores every answer. The answers are written concurrently on threads of their
+        own: the shared pool serves only per-phase worker calls, which never nest."""
+        single = replace(req, trace=False, judge=False, logprobs=None, echo=False,
+                         selection=sel.as_request())  # resolved: `auto` weights are not computed again
+
+        def answer(m: str) -> GenerationRequest:  # a token-id prompt holds the reference model's ids
+            same_ids = self.reference(m) is self.reference(req.model)
+            return replace(single, model=m, prompt_ids=req.prompt_ids if same_ids else None)
+
+        ids = list(self.source_names) + ([COOL] if req.model == COOL_RERANK else [])
+        if self._pool is not None:
+            with ThreadPoolExecutor(max_workers=len(self.source_names), thread_name_prefix="cf-rerank") as ex:
+                futures = [ex.submit(self.complete_text, answer(m), cancel) for m in self.source_names]
+                outs = [f.result() for f in futures]
+            if req.model == COOL_RERANK:  # uses every worker: after the single answers
+                outs.append(self.complete_text(answer(COOL), cancel))
+        else:
+            outs = [self.complete_text(answer(m), cancel) for m in ids]
+        conts = [(text, finish == "stop", (m,)) for m, (text, finish) in zip(ids, outs)]
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("generation cancelled")
+        run = self._open(self.workers, req, cancel, stats, runs, sel)
+        return loop.rerank(run, conts)

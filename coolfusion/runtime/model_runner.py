@@ -1,0 +1,140 @@
+"""The forward passes of one loaded model over per-request KV caches.
+
+A runner owns one model and the KV storage of the requests it serves, and runs every
+forward a worker needs: feed tokens after a request's cache (decode, prefill, or candidate
+blocks side by side, each at its own positions and seeing only the committed prefix and
+itself), and a full forward without cache (the tests' reference, and `sequence_logprobs`:
+the exact log-probs that `logprobs`/`echo` report). It is the one place that
+knows how to call a transformers model and how to lay out its attention mask; the worker
+(`coolfusion.workers.local`) decides what to feed, in terms of tokens, positions and blocks only,
+and edits a request's cache only through `crop` and `move`.
+
+Two runners share this interface: `ModelRunner` here (a transformers cache per request, one
+forward at a time) and `coolfusion.runtime.batched_runner.BatchedRunner` (preallocated slots, the
+forwards of all requests batched into one).
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+
+import torch
+
+from coolfusion.runtime import kvcache
+from coolfusion.runtime import logprobs
+
+
+def make_runner(model, device: torch.device, fusion=None, name: str = "model"):
+    """The runner `fusion` (a FusionConfig) asks for: batched over KV slots, or this one."""
+    if fusion is not None and fusion.batching:
+        from coolfusion.runtime.batched_runner import BatchedRunner
+
+        return BatchedRunner(model, device, slots=fusion.kv_slots, max_len=fusion.kv_max_tokens,
+                             headroom=16 * fusion.max_segment_tokens, max_batch_tokens=fusion.max_batch_tokens,
+                             name=name)
+    return ModelRunner(model, device)
+
+
+class ModelRunner:
+    def __init__(self, model, device: torch.device):
+        self.model = model
+        self.device = device
+        self.lock = threading.Lock()  # one forward at a time on this model
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None)
+        self._layer_types = tuple(getattr(cfg, "layer_types", None) or ())
+        self._sliding = getattr(cfg, "sliding_window", None)
+        # transformers 5.2x renamed the forward's `past_key_values` to `cache`
+        params = inspect.signature(getattr(model, "forward", model)).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.forward_tokens = 0  # tokens fed through the model (for the benchmark)
+
+    @property
+    def generation_config(self):
+        return getattr(self.model, "generation_config", None)
+
+    # ---- per-request KV storage ----------------------------------------------------------
+
+    def open_cache(self):
+        """KV storage for one new request."""
+        return kvcache.new_cache()
+
+    def close_cache(self, cache) -> None:
+        """The request is done; its storage is garbage once the caller drops it."""
+
+    def crop(self, cache, n: int) -> None:
+        """Keep the first `n` cached tokens."""
+        kvcache.crop(cache, n)
+
+    def move(self, cache, src: int, dst: int, n: int) -> None:
+        """Copy cached tokens [src, src+n) to [dst, dst+n) (a scored block moved into place)."""
+        kvcache.move(cache, src, dst, n)
+
+    # ---- forwards --------------------------------------------------------------------------
+
+    def forward(self, cache, tokens: list[int], *, blocks=None, last_only=False) -> torch.Tensor:
+        """Feed `tokens` after the cache's current contents; returns logits (T, V), or (1, V)
+        for the last token only (`last_only`: a prefill skips the LM head on the others).
+
+        `blocks`: the tokens are candidate blocks, given as (first position, length) each in
+        order; a block's tokens sit at those sequence positions and attend to the cached
+        prefix before their first position and causally to their own block only."""
+        past = cache.get_seq_length()
+        inp = torch.tensor([tokens], device=self.device)  # (1, T)
+        kwargs = {}
+        if blocks is not None:
+            positions = [q for first, n in blocks for q in range(first, first + n)]
+            kwargs["position_ids"] = torch.tensor([positions], device=self.device)
+            kwargs["attention_mask"] = self.block_mask(past, blocks)
+        else:
+            kwargs["position_ids"] = torch.arange(past, past + len(tokens), device=self.device)[None]
+        kwargs["cache_position"] = torch.arange(past, past + len(tokens), device=self.device)
+        if last_only:
+            kwargs["logits_to_keep"] = 1
+        kwargs[self.cache_kw] = cache
+        with self.lock, torch.inference_mode():
+            out = self.model(input_ids=inp, use_cache=True, **kwargs)
+            self.forward_tokens += len(tokens)
+        return out.logits[0].float()  # (T, V)
+
+    def shutdown(self) -> None:
+        """Nothing to stop: forwards run on the caller's thread."""
+
+    def fresh_logits(self, ids: list[int]) -> torch.Tensor:
+        """Next-token logits after `ids` from a full forward without any cache."""
+        with self.lock, torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([ids], device=self.device))
+        return out.logits[0, -1].float()  # (V,)
+
+    def sequence_logprobs(self, ids: list[int], top: int = 0) -> list[logprobs.Row]:
+        """log p(ids[i] | ids[:i]) for i >= 1, with the `top` alternatives at each position."""
+        with self.lock:
+            return logprobs.of_sequence(self.model, self.device, ids, top)
+
+    def block_mask(self, kv: int, blocks):
+        """(1, 1, T, kv+T) additive mask for candidate blocks fed after `kv` cached tokens:
+        block tokens see the committed prefix before their first position and their own
+        block causally (and, on sliding layers, only the window). `blocks`: (first, length)."""
+        dev = self.device
+        lens = torch.tensor([n for _, n in blocks], device=dev)  # (B,)
+        firsts = torch.tensor([first for first, _ in blocks], device=dev)  # (B,) first positions
+        T = int(lens.sum())
+        block_of = torch.repeat_interleave(torch.arange(len(blocks), device=dev), lens)  # (T,)
+        offset = torch.arange(T, device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
+        q_pos = firsts[block_of] + offset  # (T,) sequence positions of the block tokens
+        k_cached = torch.arange(kv, device=dev)  # (kv,) cache slot == position for the prefix
+        sees_prefix = k_cached[None, :] < firsts[block_of][:, None]  # (T, kv)
+        sees_block = (block_of[:, None] == block_of[None, :]) & (offset[None, :] <= offset[:, None])  # (T, T)
+        allow = torch.cat([sees_prefix, sees_block], 1)  # (T, kv+T)
+        k_pos = torch.cat([k_cached, q_pos])  # (kv+T,)
+        neg = torch.finfo(self.model.dtype).min
+
+        def to_mask(a):
+            return torch.zeros(a.shape, dtype=self.model.dtype, device=dev).masked_fill_(~a, neg)[None, None]
+
+        full = to_mask(allow)
+        if self._sliding and "sliding_attention" in self._layer_types:
+            win = allow & (q_pos[:, None] - k_pos[None, :] < self._sliding)
+            return {"full_attention": full, "sliding_attention": to_mask(win)}
+        return full

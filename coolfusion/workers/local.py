@@ -1,0 +1,367 @@
+"""The in-process worker: one model's side of the fusion, per request (coolfusion.workers.protocol).
+
+`LocalWorker` implements the Table 1 contract over a `ModelRunner` (the forwards) and a
+`TokenizerSide` (the text). Per request, a `State` holds the model's token sequence
+`ids = prompt + T(G) + lookahead` and a KV cache holding the first `kv_len` of them.
+The cache is never rebuilt from scratch after `open`:
+
+- propose decodes from the committed state; tokens decoded past the cut are *lookahead*,
+  kept in `ids` and reused next step if this proposal wins (paper 2.4);
+- score appends every candidate, as one block each, to the cache in ONE forward pass, with a
+  block attention mask and per-block position ids (paper 2.4), so no cache is copied;
+- commit keeps what it can: the lookahead (own proposal won), else the winner's scored block
+  moved into place, else the longest common prefix (the rest is fed lazily, once);
+- T(G) is kept incrementally: only the tail is re-tokenized (`TokenizerSide.retokenize_tail`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from typing import Sequence
+
+from coolfusion.runtime.loading import LoadedModel
+from coolfusion.runtime.model_runner import make_runner
+from coolfusion.workers.tokenizer_side import TokenizerSide, end_tokens
+from coolfusion.core.words import REPLACEMENT, first_boundary
+from coolfusion.workers.protocol import Proposal, Sampling, WorkerOptions
+
+
+@dataclass
+class _Block:
+    """One candidate scored in the cache: its tokens sit at cache slots [slot, slot+len)."""
+
+    slot: int
+    tokens: list[int]  # anchor token (position start-1) followed by the candidate's new tokens
+    start: int  # sequence position of tokens[1]
+    last_logits: torch.Tensor  # (V,) next-token logits after the block
+
+
+@dataclass
+class State:
+    """One request's view of one model."""
+
+    prompt_ids: list[int]
+    cache: object  # the runner's KV storage of this request (`runner.open_cache()`)
+    generator: torch.Generator | None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    g_text: str = ""  # G, the shared generated text
+    g_ids: list[int] = field(default_factory=list)  # T(G)
+    g_starts: list[int] = field(default_factory=list)  # char offset in G where each g token starts
+    ids: list[int] = field(default_factory=list)  # prompt + g_ids + lookahead
+    la_logprobs: list[float] = field(default_factory=list)  # log p of the lookahead tokens
+    kv_len: int = 0  # leading tokens of `ids` held in `cache`
+    logits: torch.Tensor | None = None  # (V,) next-token logits after ids[:kv_len]
+    proposal: Proposal | None = None
+    blocks: dict = field(default_factory=dict)  # (text, eos) -> _Block, between score and commit
+    closed: bool = False
+
+    @property
+    def committed_len(self) -> int:
+        return len(self.prompt_ids) + len(self.g_ids)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class LocalWorker:
+    """One loaded model serving many requests; every method takes the request's `State`."""
+
+    def __init__(self, name: str, runner, text: TokenizerSide, options: WorkerOptions, *,
+                 context_limit: int | None = None):
+        self.name = name
+        self.runner = runner
+        self.text = text
+        self.options = options
+        limits = [x for x in (context_limit, runner.max_positions) if x]
+        self.context_limit = min(limits) if limits else None  # the runner may hold fewer (a KV slot)
+        self.device = runner.device
+        self._splitters = tuple(options.all_words) or (text.words,)  # every model's word rule
+
+    @classmethod
+    def from_loaded(cls, m: LoadedModel, options: WorkerOptions, fusion=None) -> "LocalWorker":
+        """A worker over a loaded model, with its end tokens: the EOS ids of the tokenizer
+        and generation config, plus configured `stop_tokens` (e.g. Gemma's <end_of_turn>).
+        `fusion` (a FusionConfig) chooses the runner (`fusion.batching`)."""
+        runner = make_runner(m.model, m.device, fusion, m.name)
+        ends, chat_ends = end_tokens(m.name, m.tokenizer, runner.generation_config, m.stop_tokens)
+        worker = cls(m.name, runner, TokenizerSide(m.name, m.tokenizer, ends, chat_ends), options,
+                     context_limit=m.context_limit)
+        worker.loaded = m  # what it was built from (Engine.with_fusion builds again from it)
+        return worker
+
+    def __repr__(self) -> str:
+        return f"LocalWorker({self.name})"
+
+    @property
+    def fast(self) -> bool:
+        return self.options.fast
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    @property
+    def forward_tokens(self) -> int:
+        return self.runner.forward_tokens
+
+    @property
+    def tok_seconds(self) -> float:
+        return self.text.tok_seconds
+
+    def shutdown(self) -> None:
+        """Stop the runner's thread, if it has one (the model lives as long as this process)."""
+        self.runner.shutdown()
+
+    def seq_len(self, st: State) -> int:
+        return len(st.ids)
+
+    # ---- KV cache primitives -------------------------------------------------------------
+
+    def _sync(self, st: State, upto: int | None = None) -> None:
+        """Make the cache hold `ids[:upto]` (default: all of `ids`, with `logits` the
+        next-token distribution after them)."""
+        upto = len(st.ids) if upto is None else upto
+        if st.kv_len >= upto and (upto < len(st.ids) or st.logits is not None):
+            return
+        if st.kv_len >= upto:  # logits unknown: re-feed the last token
+            st.kv_len = upto - 1
+        self.runner.crop(st.cache, st.kv_len)
+        logits = self.runner.forward(st.cache, st.ids[st.kv_len : upto], last_only=True)
+        st.kv_len = upto
+        st.logits = logits[-1] if upto == len(st.ids) else None
+
+    # ---- Table 1 -------------------------------------------------------------------------
+
+    def open(self, prompt_ids: list[int], sampling: Sampling = Sampling()) -> State:
+        gen = None
+        if sampling.temperature > 0:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        return State(
+            prompt_ids=list(prompt_ids), cache=self.runner.open_cache(), generator=gen,
+            temperature=sampling.temperature, top_p=sampling.top_p, ids=list(prompt_ids),
+        )
+
+    def close(self, st: State) -> None:
+        st.closed = True
+        if st.cache is not None:
+            self.runner.close_cache(st.cache)
+        st.cache = None
+        st.logits = None
+        st.blocks.clear()
+
+    def _sample(self, st: State, logits: torch.Tensor) -> tuple[int, float]:
+        logp = torch.log_softmax(logits, -1)  # (V,)
+        if st.temperature <= 0:
+            tok = int(torch.argmax(logits))
+        else:
+            probs = torch.softmax(logits / st.temperature, -1)
+            if st.top_p < 1.0:
+                sp, si = torch.sort(probs, descending=True)
+                keep = torch.cumsum(sp, -1) - sp < st.top_p
+                probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+            tok = int(torch.multinomial(probs.cpu(), 1, generator=st.generator))
+        return tok, float(logp[tok])
+
+    def propose(self, st: State, align: bool, max_tokens: int) -> Proposal:
+        """Decode from the committed state until the text has a word boundary common to every
+        source model's tokenizer (`align`; else this model's own: the Cool-align ablation),
+        the model ends its turn, or `max_tokens` tokens were decoded."""
+        splitters = self._splitters if align else (self.text.words,)
+        base = st.committed_len
+        if not self.fast:  # no lookahead: decode again from the committed state
+            del st.ids[base:]
+            st.la_logprobs = []
+            st.kv_len = min(st.kv_len, base)
+            st.logits = None
+        toks = st.ids[base:]  # lookahead from the last step
+        logps = list(st.la_logprobs)
+        ends: list[int | None] = []  # char length of decode(toks[:i+1]) when complete
+        for i in range(len(toks)):
+            t = self.text.decode(toks[: i + 1])
+            ends.append(None if t.endswith(REPLACEMENT) else len(t))
+        prop = self._cut(toks, logps, ends, splitters)
+        while prop is None:
+            self._sync(st)
+            tok, lp = self._sample(st, st.logits)
+            if tok in self.text.end_ids:
+                text = self.text.decode(toks)
+                whole = not text.endswith(REPLACEMENT)
+                prop = Proposal(_complete(text), True, len(toks) if whole else None, logps, end_id=tok)
+                break
+            toks.append(tok)
+            logps.append(lp)
+            st.ids.append(tok)
+            t = self.text.decode(toks)
+            ends.append(None if t.endswith(REPLACEMENT) else len(t))
+            prop = self._cut(toks, logps, ends, splitters)
+            if prop is None and len(toks) >= max_tokens:
+                n = max((i + 1 for i, e in enumerate(ends) if e is not None), default=0)
+                if n:  # never an empty candidate: go on until a character is complete
+                    prop = Proposal(self.text.decode(toks[:n]), False, n, logps[:n], True, _starts(ends[:n]))
+                elif len(toks) >= max_tokens + 3:  # a character has at most 4 bytes: these never
+                    # complete one (not UTF-8), so cut anyway; decode() made them U+FFFD
+                    prop = Proposal(self.text.decode(toks), False, len(toks), logps, True, _starts(ends))
+        st.la_logprobs = logps
+        st.proposal = prop
+        return prop
+
+    def _cut(self, toks, logps, ends, splitters) -> Proposal | None:
+        if not toks or ends[-1] is None:
+            return None
+        text = self.text.decode(toks)
+        t = time.perf_counter()
+        p = first_boundary(text, splitters, allowed={e for e in ends if e is not None})
+        self.text.tok_seconds += time.perf_counter() - t
+        if p is None:
+            return None
+        n = next(i + 1 for i, e in enumerate(ends) if e == p)
+        return Proposal(text[:p], False, n, logps[:n], False, _starts(ends[:n]))
+
+    def _candidate_ids(self, st: State, text: str, eos: bool, end_id: int) -> tuple[list[int], int]:
+        """The model's full token sequence after committing `text` (plus its end token when
+        `eos`), and p: how many leading tokens it shares with the committed sequence."""
+        keep, tail, _ = self._retokenize(st, text)
+        target = st.prompt_ids + st.g_ids[:keep] + tail + ([end_id] if eos else [])
+        p = len(st.prompt_ids) + keep + common_prefix(st.g_ids[keep:], tail)
+        return target, p
+
+    def score(self, st: State, candidates: list[tuple[str, bool]], *, end_id: int | None = None,
+              mode: str = "mean_nll") -> list[float]:
+        """PPL of each candidate in context: exp(mean NLL) of the candidate's new tokens
+        (`nll_sum`: exp of the sum). One forward pass for all candidates that need one."""
+        end_id = self.text.primary_end if end_id is None else end_id
+        base = st.committed_len
+        # blocks attend to the committed prefix only: an unfed lookahead token can wait
+        self._sync(st, upto=base)
+        nlls: list[list[float] | None] = []
+        todo = []  # (index, target, p)
+        for i, (text, eos) in enumerate(candidates):
+            target, p = self._candidate_ids(st, text, eos, end_id)
+            own = st.proposal  # its log-probs cover its text (an end token's needs a block)
+            if (self.fast and not eos and own is not None and own.text == text and own.n_tokens is not None
+                    and p == base and target[base:] == st.ids[base : base + own.n_tokens]):
+                nlls.append([-x for x in own.logprobs])
+                continue
+            nlls.append(None)
+            todo.append((i, target, p))
+        if todo:
+            self._score_blocks(st, todo, nlls, candidates)
+        out = []
+        for v in nlls:
+            if not v:  # nothing new to score (an empty candidate): never preferred
+                out.append(float("inf"))
+                continue
+            s = sum(v)
+            out.append(math.exp(s / len(v)) if mode == "mean_nll" else math.exp(min(s, 700.0)))
+        return out
+
+    def _score_blocks(self, st: State, todo, nlls, candidates) -> None:
+        kv = st.kv_len
+        blocks = []
+        for i, target, p in todo:
+            blk = target[p - 1 :]  # anchor token at position p-1, then the new tokens
+            blocks.append((i, blk, p))
+        tokens = [t for _, blk, _ in blocks for t in blk]
+        logits = self.runner.forward(st.cache, tokens, blocks=[(p - 1, len(blk)) for _, blk, p in blocks])  # (T, V)
+        off = 0
+        for i, blk, p in blocks:
+            L = len(blk)
+            rows = torch.log_softmax(logits[off : off + L - 1], -1)  # (L-1, V)
+            tgt = torch.tensor(blk[1:], device=rows.device)
+            nlls[i] = (-rows.gather(1, tgt[:, None])[:, 0]).tolist()
+            text, eos = candidates[i]
+            st.blocks[(text, eos)] = _Block(kv + off, blk, p, logits[off + L - 1].clone())
+            off += L
+
+    def commit(self, st: State, text: str, eos: bool = False) -> None:
+        """Append the selected `text` to G, reusing every KV entry already computed."""
+        own = st.proposal
+        if own is not None and own.text == text and not own.eos and not eos and own.n_tokens:
+            # own proposal won: keep the tokens it generated (so a model fused with itself
+            # decodes exactly as alone) and the lookahead beyond them
+            base, n = st.committed_len, own.n_tokens
+            self.runner.crop(st.cache, st.kv_len)
+            st.la_logprobs = st.la_logprobs[n:]
+            st.g_starts = st.g_starts + [len(st.g_text) + s for s in own.starts]
+            st.g_ids = st.g_ids + st.ids[base : base + n]
+            st.g_text += text
+            st.proposal = None
+            st.blocks.clear()
+            if not self.fast:
+                self.runner.crop(st.cache, 0)
+                st.kv_len, st.logits = 0, None
+            return
+        keep, tail, tail_starts = self._retokenize(st, text)
+        new_g = st.g_ids[:keep] + tail
+        target = st.prompt_ids + new_g
+        block = None if eos else st.blocks.get((text, eos))
+        if st.ids[: len(target)] == target:  # the lookahead already holds these tokens
+            self.runner.crop(st.cache, st.kv_len)
+            st.la_logprobs = st.la_logprobs[len(target) - st.committed_len :]
+        elif block is not None:  # move the winner's scored block into place
+            n = len(block.tokens) - 1
+            self.runner.move(st.cache, block.slot + 1, block.start, n)
+            self.runner.crop(st.cache, block.start + n)
+            st.ids, st.kv_len, st.logits, st.la_logprobs = list(target), len(target), block.last_logits, []
+        else:  # keep the common prefix; the rest is fed lazily by the next propose/score
+            common = common_prefix(st.ids[: st.kv_len], target)
+            self.runner.crop(st.cache, common)
+            st.ids, st.kv_len, st.logits, st.la_logprobs = list(target), common, None, []
+        st.g_text += text
+        st.g_starts = st.g_starts[:keep] + tail_starts
+        st.g_ids = new_g
+        st.proposal = None
+        st.blocks.clear()
+        if not self.fast:  # no KV reuse: the next call re-prefills everything
+            self.runner.crop(st.cache, 0)
+            st.kv_len, st.logits = 0, None
+
+    def fresh_logits(self, st: State) -> torch.Tensor:
+        """Next-token logits from a fresh prefill of `ids` without any cache (for tests)."""
+        return self.runner.fresh_logits(st.ids)
+
+    def sequence_logprobs(self, ids: list[int], top: int = 0) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
+        """Exact log-probs of `ids` (and the `top` alternatives) from a full forward, no cache."""
+        return self.runner.sequence_logprobs(list(ids), top)
+
+    def _retokenize(self, st: State, text: str) -> tuple[int, list[int], list[int]]:
+        return self.text.retokenize_tail(st.g_text, st.g_ids, st.g_starts, text, fast=self.fast)
+
+    def cached_logits(self, st: State) -> torch.Tensor:
+        self._sync(st)
+        return st.logits
+
+
+def local_workers(models: Sequence[LoadedModel], fusion=None) -> list[LocalWorker]:
+    """One worker per loaded model, each knowing every model's word rule (paper Table 1);
+    `fusion` (a FusionConfig, default the config's defaults) sets the fast paths and runner."""
+    fast = True if fusion is None else fusion.fast_paths
+    options = WorkerOptions.for_tokenizers([m.tokenizer for m in models], fast)
+    return [LocalWorker.from_loaded(m, options, fusion) for m in models]
+
+
+def _starts(ends: list[int | None]) -> list[int]:
+    """Char offset where each token starts, from the decoded length after each token."""
+    out, last = [], 0
+    for e in ends:
+        out.append(last)
+        if e is not None:
+            last = e
+    return out
+
+
+def _complete(text: str) -> str:
+    """Drop a trailing incomplete UTF-8 sequence."""
+    return text.rstrip(REPLACEMENT)

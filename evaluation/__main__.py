@@ -1,7 +1,0 @@
-"""`python -m evaluation --task gsm8k --models a,b --base-url http://127.0.0.1:8000/v1`."""
-
-import sys
-
-from .cli import main
-
-sys.exit(main())
