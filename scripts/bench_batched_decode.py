@@ -8,7 +8,7 @@ decodes one token; the step is timed as
   views         one coolfusion.runtime.batched_forward.forward, per-item SDPA on slot views, enable_gqa
   views/repeat  the same with repeat_kv copies (what transformers' sdpa does under a mask)
   gather        one forward, padded attention over the items' rows gathered per layer
-  padded        views, padded to max(B) rows (load-invariant logits: Runner(pad_decode_to))
+  padded        views, padded to max(B) rows (load-invariant logits: BatchScheduler(pad_decode_to))
 Each timed step is undone (crop back to `context`) so the context stays fixed. Variants
 alternate within each repeat and the median is printed: on a shared CPU timings swing, so
 read the ratios of one run. Nothing is asserted.

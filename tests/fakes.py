@@ -6,9 +6,8 @@
   byte, words split at spaces), so the fast tests need no tokenizer files.
 - `FakeEngine`: the engine's interface with no models, for tests where only HTTP is under test.
 
-FakeEngine has the same interface (model_ids, source_names, check, generate, active_requests, default_max_tokens,
-kv_report)
-and the same typed errors, no models. The reply is deterministic and depends on the request:
+FakeEngine implements the engine's protocol (coolfusion.engine.client.EngineClient; a test checks it)
+with the engine's own request checks (coolfusion.core.validation) and typed errors, and no models. The reply is deterministic and depends on the request:
 "<model> heard: <prompt words reversed> [la la ...]", split into word segments (a word with
 its leading space, as byte-level BPE words are). One segment = one "token"; the prompt's token
 count is its number of words (+2 per chat message). Segment winners alternate between the
@@ -21,13 +20,16 @@ from __future__ import annotations
 import re
 import threading
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Iterator
 
 import torch
 
-from coolfusion.core.errors import Cancelled, ContextLengthExceeded, FusionError, InvalidRequest, UnknownModel
+from coolfusion.core import validation
+from coolfusion.core.errors import Cancelled, FusionError, InvalidRequest, UnknownModel
 from coolfusion.core.types import VARIANTS, Candidate, GenerationRequest, Step
+from coolfusion.engine.client import Checked
 
 _WORD = re.compile(r"\s*\S+")
 
@@ -152,6 +154,7 @@ class FakeEngine:
         self.started = 0  # generations that began
         self.outcomes: list[str] = []  # per generation: finished | cancelled | closed | error
         self.segments_produced = 0
+        self.ready = True  # False: the engine reports a source model unavailable (/health 503)
 
     # ---- the Engine interface -------------------------------------------------------------
 
@@ -166,29 +169,30 @@ class FakeEngine:
         with self._lock:
             return self._active
 
-    def check(self, request: GenerationRequest, where: str = "prompt") -> int:
+    def close(self) -> None:
+        pass
+
+    def check(self, req: GenerationRequest | Checked, where: str = "prompt") -> Checked:
+        """The engine's own request checks (coolfusion.core.validation), then the fake's limits."""
+        if isinstance(req, Checked):
+            return req
+        request = req
         if request.model not in self.model_ids():
             raise UnknownModel(f"The model '{request.model}' does not exist", param="model")
-        if (request.prompt is None) == (request.messages is None):
-            raise InvalidRequest("give exactly one of prompt or messages", param="prompt")
-        if request.prompt is not None and not request.prompt.strip():
-            raise InvalidRequest("prompt must not be empty", param="prompt")
         if request.prompt_ids is not None or request.logprobs is not None or request.echo:
             raise InvalidRequest("the fake engine has no log-probs or token ids", param="prompt")
+        if request.max_tokens is None:
+            request = replace(request, max_tokens=self.default_max_tokens)
         if request.max_tokens < 1:  # 0 is the real engine's echo-only request
             raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
+        validation.check_fields(request, fused=request.model in VARIANTS)
         n = self.prompt_tokens(request)
-        if n + request.max_tokens > self.context_limit:
-            param = "prompt" if request.prompt is not None else "messages"
-            raise ContextLengthExceeded(
-                f"model {self.source_names[0]}: context limit is {self.context_limit} tokens, but the request "
-                f"needs {n} prompt tokens + {request.max_tokens} max_tokens",
-                param=param,
-            )
-        return n
+        validation.check_context(request, self.source_names[0], n, self.context_limit)
+        return Checked(request, {}, n)
 
-    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Step]:
-        prompt_tokens = self.check(request)
+    def generate(self, req: GenerationRequest | Checked, cancel: threading.Event | None = None) -> Iterator[Step]:
+        checked = self.check(req)
+        request, prompt_tokens = checked.request, checked.prompt_tokens
         segments = words(self.reply(request))
         with self._lock:
             self._active += 1

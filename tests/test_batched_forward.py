@@ -71,7 +71,7 @@ def test_scoring_blocks_beside_a_decode_row_then_move_the_winner_into_place(tiny
     cands = [(len(ctx_a), [5, 6, 7]), (len(ctx_a), [8]), (len(ctx_a) - 2, [9, 10, 11, 12])]
     blocks = [([ctx_a[p - 1]] + new, p) for p, new in cands]
     kv = st.length(a)
-    sees = block_pattern(kv, [(len(blk), p - 1) for blk, p in blocks])
+    sees = block_pattern(kv, [(p - 1, len(blk)) for blk, p in blocks])
     tokens = [t for blk, _ in blocks for t in blk]
     positions = [q for blk, p in blocks for q in range(p - 1, p - 1 + len(blk))]
     dec = int(full_logits(tiny, ctx_b)[-1].argmax())
@@ -235,7 +235,7 @@ def test_real_gemma_scoring_blocks_past_the_sliding_window_beside_decode_rows(re
     forward(model, st, [Item(a, long), Item(b, short)])
     blocks = [([long[-1]] + tok(c, add_special_tokens=False).input_ids, len(long)) for c in (" item", " and so on")]
     kv = st.length(a)
-    sees = block_pattern(kv, [(len(blk), p - 1) for blk, p in blocks])
+    sees = block_pattern(kv, [(p - 1, len(blk)) for blk, p in blocks])
     tokens = [t for blk, _ in blocks for t in blk]
     positions = [q for blk, p in blocks for q in range(p - 1, p - 1 + len(blk))]
     out_a, out_b = forward(model, st, [Item(a, tokens, positions, sees, rows="all"), Item(b, [3])])

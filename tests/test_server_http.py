@@ -137,7 +137,7 @@ def test_request_fields_reach_the_engine_and_seeds_differ_per_choice(http, engin
     original = engine.generate
 
     def spy(request, cancel=None):
-        seen.append(request)
+        seen.append(request.request)  # the HTTP layer hands the engine a Checked request
         return original(request, cancel)
 
     monkeypatch.setattr(engine, "generate", spy)

@@ -31,6 +31,14 @@ class RawStep:
     end_id: int | None = None  # with eos: the end token its first proposer decoded
 
 
+def map_on(pool: ThreadPoolExecutor | None, fn, items: Sequence) -> list:
+    """[fn(item) for item in items], on `pool`'s threads when there is a pool and more than one
+    item (a worker call blocks on its model, so the models run side by side)."""
+    if pool is None or len(items) == 1:
+        return [fn(x) for x in items]
+    return [f.result() for f in [pool.submit(fn, x) for x in items]]
+
+
 @dataclass
 class Run:
     """One request's states on its participating workers (in config order)."""
@@ -51,11 +59,7 @@ class Run:
         """fn(worker, state) for every worker, in parallel when a pool is configured."""
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("generation cancelled")
-        pairs = list(zip(self.workers, self.states))
-        if self.pool is None or len(pairs) == 1:
-            return [fn(w, s) for w, s in pairs]
-        futures = [self.pool.submit(fn, w, s) for w, s in pairs]
-        return [f.result() for f in futures]
+        return map_on(self.pool, lambda pair: fn(*pair), list(zip(self.workers, self.states)))
 
     def context_full(self) -> bool:
         """True when one more proposal could overflow a participating model's context."""

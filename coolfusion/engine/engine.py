@@ -29,6 +29,7 @@ from coolfusion.config import Config, FusionConfig
 from coolfusion.core.errors import Cancelled, UnknownModel
 from coolfusion.runtime.loading import LoadedModel
 from coolfusion.core.types import COOL, COOL_RERANK, RERANK, VARIANTS, Candidate, GenerationRequest, Stats, Step
+from coolfusion.engine.client import Checked
 from coolfusion.workers.protocol import Sampling, Worker
 
 
@@ -110,7 +111,9 @@ class Engine:
     def with_fusion(self, fusion: FusionConfig) -> "Engine":
         """An engine over the same loaded models (no second load) with other fusion settings,
         e.g. `batching` on (tests, the concurrency benchmark). Local workers only."""
-        loaded = [getattr(w, "loaded", None) for w in self.workers]
+        from coolfusion.workers.local import LocalWorker
+
+        loaded = [w.loaded if isinstance(w, LocalWorker) else None for w in self.workers]
         if any(m is None for m in loaded):
             raise TypeError("with_fusion needs workers built from loaded models (LocalWorker.from_loaded)")
         return Engine.from_models(loaded, fusion, dict(self.templates))
@@ -122,7 +125,7 @@ class Engine:
     def kv_report(self) -> dict[str, dict[str, int]]:
         """Per source model whose runner holds KV slots (`fusion.batching`): slots, slots in
         use, tokens per slot, bytes preallocated."""
-        return {w.name: w.runner.kv_report() for w in self.workers if hasattr(getattr(w, "runner", None), "kv_report")}
+        return {w.name: kv for w in self.workers if (kv := w.kv_report())}
 
     @property
     def active_requests(self) -> int:
@@ -142,15 +145,16 @@ class Engine:
 
     # ---- checks ----------------------------------------------------------------------------
 
-    def _auto_weights(self, req: GenerationRequest) -> dict[str, float]:
+    def _auto_weights(self, checked: Checked) -> dict[str, float]:
         """`weights: auto`: each model's total NLL of its own prompt tokens (after the first),
         from an exact full forward, per reference-tokenizer prompt token (coolfusion.core.selection)."""
+        ids = self._all_prompt_ids(checked)
+
         def nll(w: Worker) -> float:
-            ids = self.prompt_ids(w, req)
-            return -sum(lp for lp, _ in w.sequence_logprobs(ids)) if len(ids) > 1 else 0.0
+            return -sum(lp for lp, _ in w.sequence_logprobs(ids[w.name])) if len(ids[w.name]) > 1 else 0.0
 
         per = self.each_worker(nll, self.workers)
-        n = len(self.prompt_ids(self.workers[0], req))
+        n = len(ids[self.workers[0].name])
         return selection.auto_weights(dict(zip(self.source_names, per)), n, self.fusion.auto_temperature)
 
     def participants(self, model: str) -> list[Worker]:
@@ -188,29 +192,37 @@ class Engine:
             return w.text.encode(text, special=False)
         return w.text.encode(req.prompt, special=True)
 
-    def check(self, req: GenerationRequest, where: str = "prompt") -> int:
-        """Validate a request before any work; return its prompt tokens (reference tokenizer).
+    def check(self, req: GenerationRequest | Checked, where: str = "prompt") -> Checked:
+        """Validate a request before any work: the typed 4xx error now, else the request with
+        each participating model's prompt tokens (rendered and tokenized here, once).
         `where` names a token-id prompt in errors (e.g. "prompt[2]" of a list of prompts)."""
+        if isinstance(req, Checked):
+            return req
         workers = self.participants(req.model)
         req = self._resolved(req, where)
         validation.check_fields(req, fused=req.model in VARIANTS)
         selection.check(req.selection, self.source_names, self.fusion.select)
-        counts = []
+        ids = {}
         for w in workers:
-            counts.append(len(self.prompt_ids(w, req)))
-            validation.check_context(req, w.name, counts[-1], w.context_limit)
-        return counts[0]
+            ids[w.name] = self.prompt_ids(w, req)
+            validation.check_context(req, w.name, len(ids[w.name]), w.context_limit)
+        return Checked(req, ids, len(ids[workers[0].name]))
+
+    def _all_prompt_ids(self, checked: Checked) -> dict[str, list[int]]:
+        """Every source model's prompt tokens (a single-model request holds only its own; its
+        judge and `auto` weights need all)."""
+        return {w.name: checked.prompt_ids.get(w.name) or self.prompt_ids(w, checked.request) for w in self.workers}
 
     # ---- generation --------------------------------------------------------------------------
 
-    def start(self, req: GenerationRequest, cancel: threading.Event | None = None) -> Generation:
-        """Check the request (raising its typed error now) and return it running lazily."""
-        req = self._resolved(req)
-        prompt_tokens = self.check(req)
+    def start(self, req: GenerationRequest | Checked, cancel: threading.Event | None = None) -> Generation:
+        """Check the request (raising its typed error now; a `Checked` one is not checked
+        again) and return it running lazily."""
+        checked = self.check(req)
         stats = Stats()
-        return Generation(self._steps(req, prompt_tokens, cancel, stats), stats)
+        return Generation(self._steps(checked, cancel, stats), stats)
 
-    def generate(self, req: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Step]:
+    def generate(self, req: GenerationRequest | Checked, cancel: threading.Event | None = None) -> Iterator[Step]:
         """Yield one Step per selected segment. Closing the generator (or setting `cancel`)
         frees every KV cache of the request."""
         running = self.start(req, cancel)
@@ -219,7 +231,8 @@ class Engine:
         finally:
             running.close()
 
-    def _steps(self, req, prompt_tokens, cancel, stats) -> Iterator[Step]:
+    def _steps(self, checked: Checked, cancel, stats) -> Iterator[Step]:
+        req, prompt_tokens = checked.request, checked.prompt_tokens
         with self._active_lock:
             self._active += 1
         runs: list[loop.Run] = []
@@ -232,14 +245,14 @@ class Engine:
                 return
             fused = req.model in VARIANTS
             # a single model never selects: its rule (and `auto` weights' forwards) only for its judge
-            sel = self.selection_for(req) if fused or req.judge else selection.Selection()
+            sel = self.selection_for(checked) if fused or req.judge else selection.Selection()
             rule = sel.describe() if fused else None
-            raw = self._raw_steps(req, cancel, stats, runs, sel)
+            raw = self._raw_steps(checked, cancel, stats, runs, sel)
             text = ""
             for step in output.finish(raw, req, self.reference(req.model).text, prompt_tokens, cancel):
                 text += step.text
                 if step.finish_reason is not None and req.judge:
-                    step = replace(step, judge=self._judge(req, text, step.eos, cancel, stats, runs, sel))
+                    step = replace(step, judge=self._judge(checked, text, step.eos, cancel, stats, runs, sel))
                 if scores is not None:
                     step = replace(step, logprobs=scores.step(text, step.eos, step.end_id,
                                                               final=step.finish_reason is not None))
@@ -256,51 +269,51 @@ class Engine:
         """The request's states on every participating worker, for driving the fusion loop
         step by step (`loop.segments(run)`, or propose / assess / select / commit) in tests
         and tools. The caller closes it: `run.close()` frees every KV cache."""
-        req = self._resolved(req)
-        self.check(req)
-        return self._open(self.participants(req.model), req, cancel, Stats(), [], self.selection_for(req),
-                          align=req.model == COOL)
+        checked = self.check(req)
+        return self._open(self.participants(checked.request.model), checked, cancel, Stats(), [],
+                          self.selection_for(checked), align=checked.request.model == COOL)
 
-    def selection_for(self, req: GenerationRequest) -> selection.Selection:
+    def selection_for(self, checked: Checked) -> selection.Selection:
         """The request's selection rule: its `fusion` settings over the config's, with `auto`
         weights computed from the prompt (coolfusion.core.selection)."""
-        r, f = req.selection, self.fusion
+        r, f = checked.request.selection, self.fusion
         rule = r.select or f.select
         weights = r.weights if r.weights is not None else f.weights
         if rule != "weighted":
             weights = {}
         elif weights == selection.AUTO:
-            weights = self._auto_weights(req)
+            weights = self._auto_weights(checked)
         score_end = {**f.score_end, **(r.score_end or {})}
         return selection.Selection(rule, dict(weights), r.end_scoring or f.end_scoring,
                                    frozenset(m for m, counts in score_end.items() if not counts))
 
     def each_worker(self, fn, workers: Sequence[Worker]) -> list:
         """fn(worker) for each of `workers`, in parallel on the engine's pool when it has one."""
-        if self._pool is None or len(workers) == 1:
-            return [fn(w) for w in workers]
-        return [f.result() for f in [self._pool.submit(fn, w) for w in workers]]
+        return loop.map_on(self._pool, fn, list(workers))
 
-    def _open(self, workers, req, cancel, stats, runs, sel, *, align=True) -> loop.Run:
+    def _open(self, workers, checked: Checked, cancel, stats, runs, sel, *, align=True) -> loop.Run:
+        req = checked.request
+        ids = checked.prompt_ids if all(w.name in checked.prompt_ids for w in workers) else self._all_prompt_ids(checked)
         states, ends = [], []
         for i, w in enumerate(workers):
             seed = None if req.seed is None else req.seed + 1000 * i
-            states.append(w.open(self.prompt_ids(w, req), Sampling(req.temperature, req.top_p, seed)))
+            states.append(w.open(ids[w.name], Sampling(req.temperature, req.top_p, seed)))
             ends.append(w.text.chat_end if req.messages is not None else w.text.primary_end)
         run = loop.Run(workers, states, ends, self._pool, cancel, self.fusion.max_segment_tokens, stats,
                        score_mode=self.fusion.score, selection=sel, align=align, fast=self.fusion.fast_paths)
         runs.append(run)
         return run
 
-    def _raw_steps(self, req, cancel, stats, runs, sel) -> Iterator[loop.RawStep]:
-        if req.model in (RERANK, COOL_RERANK):
-            yield self._rerank(req, cancel, stats, runs, sel)
+    def _raw_steps(self, checked: Checked, cancel, stats, runs, sel) -> Iterator[loop.RawStep]:
+        model = checked.request.model
+        if model in (RERANK, COOL_RERANK):
+            yield self._rerank(checked, cancel, stats, runs, sel)
             return
-        run = self._open(self.participants(req.model), req, cancel, stats, runs, sel,
-                         align=req.model == COOL)  # else each proposer's own boundaries
+        run = self._open(self.participants(model), checked, cancel, stats, runs, sel,
+                         align=model == COOL)  # else each proposer's own boundaries
         yield from loop.segments(run)
 
-    def complete_text(self, req: GenerationRequest, cancel=None) -> tuple[str, str]:
+    def complete_text(self, req: GenerationRequest | Checked, cancel=None) -> tuple[str, str]:
         """Run a request to the end; return (text, finish_reason)."""
         text, finish = [], None
         for step in self.generate(req, cancel):
@@ -308,22 +321,25 @@ class Engine:
             finish = step.finish_reason
         return "".join(text), finish
 
-    def _judge(self, req, text, eos, cancel, stats, runs, sel) -> Candidate:
+    def _judge(self, checked: Checked, text, eos, cancel, stats, runs, sel) -> Candidate:
         """Every source model's PPL of a whole output after the prompt (paper Table 3, row 1),
         and its score under the request's selection rule."""
-        run = self._open(self.workers, req, cancel, stats, runs, sel)
-        return loop.rerank(run, [(text, eos, (req.model,))]).candidates[0]
+        run = self._open(self.workers, checked, cancel, stats, runs, sel)
+        return loop.rerank(run, [(text, eos, (checked.request.model,))]).candidates[0]
 
-    def _rerank(self, req, cancel, stats, runs, sel) -> loop.RawStep:
+    def _rerank(self, checked: Checked, cancel, stats, runs, sel) -> loop.RawStep:
         """Each source model (and, for Cool+Rerank, Cool) writes a whole answer, then every
         model scores every answer. The answers are written concurrently on threads of their
         own: the shared pool serves only per-phase worker calls, which never nest."""
+        req, ids_of = checked.request, self._all_prompt_ids(checked)
         single = replace(req, trace=False, judge=False, logprobs=None, echo=False,
                          selection=sel.as_request())  # resolved: `auto` weights are not computed again
 
-        def answer(m: str) -> GenerationRequest:  # a token-id prompt holds the reference model's ids
-            same_ids = self.reference(m) is self.reference(req.model)
-            return replace(single, model=m, prompt_ids=req.prompt_ids if same_ids else None)
+        def answer(m: str) -> Checked:  # checked with the whole request; the prompts as tokenized then
+            same_ids = self.reference(m) is self.reference(req.model)  # a token-id prompt: the reference's ids
+            names = [w.name for w in self.participants(m)]
+            return Checked(replace(single, model=m, prompt_ids=req.prompt_ids if same_ids else None),
+                           {n: ids_of[n] for n in names}, len(ids_of[names[0]]))
 
         ids = list(self.source_names) + ([COOL] if req.model == COOL_RERANK else [])
         if self._pool is not None:
@@ -337,5 +353,5 @@ class Engine:
         conts = [(text, finish == "stop", (m,)) for m, (text, finish) in zip(ids, outs)]
         if cancel is not None and cancel.is_set():
             raise Cancelled("generation cancelled")
-        run = self._open(self.workers, req, cancel, stats, runs, sel)
+        run = self._open(self.workers, checked, cancel, stats, runs, sel)
         return loop.rerank(run, conts)

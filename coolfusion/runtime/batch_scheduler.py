@@ -1,13 +1,13 @@
-"""A per-model runner thread: the forwards of every request thread, batched.
+"""A per-model scheduler thread: the forwards of every request thread, batched (the batched runner's engine room).
 
-    runner = Runner(model, SlotStorage.for_model(model, slots=8, max_len=4096))
-    slot = runner.open()                          # any thread; KVRoomError when full
-    logits = runner.forward(Item(slot, [tok]))    # blocks until the batch it joined has run
-    runner.crop(slot, n); runner.move(slot, src, dst, n)   # the owner, between its forwards
-    runner.close(slot)
+    scheduler = BatchScheduler(model, SlotStorage.for_model(model, slots=8, max_len=4096))
+    slot = scheduler.open()                          # any thread; KVRoomError when full
+    logits = scheduler.forward(Item(slot, [tok]))    # blocks until the batch it joined has run
+    scheduler.crop(slot, n); scheduler.move(slot, src, dst, n)   # the owner, between its forwards
+    scheduler.close(slot)
 
 Request threads stay plain sequential programs (propose, score, select, commit). Each
-`forward` call queues one item and waits on a future; the runner thread takes everything
+`forward` call queues one item and waits on a future; the scheduler thread takes everything
 queued when the model is free (in arrival order, up to `max_batch_tokens` new tokens, at
 least one item; a second item for a slot already in the batch waits for the next forward)
 and runs it as ONE `batched_forward.forward`. Before taking, it waits for every request of
@@ -20,10 +20,10 @@ next forward after it submits and leaves when it stops submitting.
 
 `pad_decode_to=N` trades speed for load-invariant logits: decode forwards always have N rows
 (padded), prefills and scoring blocks run alone; a request then gets bitwise the logits it
-gets solo through the same runner, at any concurrency (see `batched_forward.forward`).
+gets solo through the same scheduler, at any concurrency (see `batched_forward.forward`).
 
 If a batched forward raises, its items are rerun one by one so that only the item at fault
-gets the exception. Lengths change only inside forwards (runner thread); crop and move touch
+gets the exception. Lengths change only inside forwards (scheduler thread); crop and move touch
 only the caller's own row and are safe while no forward of that slot is pending.
 """
 
@@ -41,10 +41,10 @@ from coolfusion.runtime.batched_forward import Item
 from coolfusion.runtime.slots import SlotStorage
 
 
-class Runner:
+class BatchScheduler:
     """Owns one model and its SlotStorage; runs queued items in batched forwards."""
 
-    def __init__(self, model, storage: SlotStorage, *, max_batch_tokens: int = 2048, name: str = "runner",
+    def __init__(self, model, storage: SlotStorage, *, max_batch_tokens: int = 2048, name: str = "scheduler",
                  layout: str = "views", gqa: str = "enable", start: bool = True, gather: float = 0.25,
                  pad_decode_to: int = 0):
         self.model, self.storage = model, storage
@@ -69,7 +69,7 @@ class Runner:
             self._thread.start()
 
     def start(self) -> None:
-        """Start the runner thread (for a runner made with start=False: items queue up first)."""
+        """Start the scheduler thread (for one made with start=False: items queue up first)."""
         self._thread.start()
 
     # ---- request side ----------------------------------------------------------------
@@ -95,7 +95,7 @@ class Runner:
         fut: Future = Future()
         with self._cv:
             if self._stop:
-                raise RuntimeError("runner stopped")
+                raise RuntimeError("scheduler stopped")
             self._queue.append((item, fut))
             self._cv.notify()
         return fut
@@ -119,7 +119,7 @@ class Runner:
             self._cv.notify()
         self._thread.join()
 
-    # ---- runner side -----------------------------------------------------------------
+    # ---- scheduler side -----------------------------------------------------------------
 
     def _take(self) -> list[tuple[Item, Future]]:
         """Everything queued that fits one forward (caller holds the condition)."""

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from coolfusion.runtime.slots import SlotStorage
+from coolfusion.runtime.hf_compat import text_config
 
 NAME = "coolfusion_slots"  # the attention implementation registered by `install`
 PLAN_KW = "coolfusion_plan"  # keyword argument that carries the plan to the attention function
@@ -214,13 +215,9 @@ def install(model) -> None:
     # a mask for the fallback path: the previous implementation's; the plan path passes a 4D
     # dummy and never builds one. Registered per previous implementation (sdpa on every model here).
     AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS[prev if prev in ALL_MASK_ATTENTION_FUNCTIONS else "sdpa"])
-    for c in {id(cfg): cfg, id(_text(cfg)): _text(cfg)}.values():
+    for c in {id(cfg): cfg, id(text_config(cfg)): text_config(cfg)}.values():
         c._coolfusion_prev_attn = prev
         c._attn_implementation = NAME
-
-
-def _text(cfg):
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
 def forward(model, storage: SlotStorage, items: list[Item], *, layout: str = "views", gqa: str = "enable",
@@ -292,13 +289,13 @@ def _lm_head_rows(keep: list[int]) -> list[int]:
 
 
 def block_pattern(kv: int, blocks: list[tuple[int, int]], device=None) -> torch.Tensor:
-    """`sees` for scoring blocks appended after `kv` cached tokens, as today's `_block_mask`:
-    blocks = [(length, first_position)], each block's token j sees the cached tokens at slots
+    """Who sees what, for scoring blocks appended after `kv` cached tokens (both runners):
+    blocks = [(first_position, length)], each block's token j sees the cached tokens at slots
     before its first position and its own block's tokens up to j. Returns (T, kv+T) bool."""
-    T = sum(n for n, _ in blocks)
+    T = sum(n for _, n in blocks)
     allow = torch.zeros((T, kv + T), dtype=torch.bool, device=device)  # (T, kv+T)
     o = 0
-    for n, first in blocks:
+    for first, n in blocks:
         allow[o : o + n, : min(first, kv)] = True
         allow[o : o + n, kv + o : kv + o + n] = torch.ones((n, n), dtype=torch.bool, device=device).tril()
         o += n

@@ -1,9 +1,9 @@
-"""The batched runner: the runner interface of `coolfusion.runtime.model_runner` over preallocated slots,
+"""The batched runner: the Runner protocol (`coolfusion.runtime.runner`) over preallocated slots,
 with the forwards of every request of a model batched into one (config `fusion.batching`).
 
 A request's KV storage is a slot of a `SlotStorage` (coolfusion/runtime/slots.py: [slots, kv heads,
 max len, head dim] per layer, sized at start-up from `fusion.kv_slots` x `fusion.kv_max_tokens`);
-its forwards go to the model's runner thread (coolfusion/runtime/batch_scheduler.py), which runs whatever every
+its forwards go to the model's scheduler thread (coolfusion/runtime/batch_scheduler.py), which runs whatever every
 request has queued as ONE forward (coolfusion/runtime/batched_forward.py: the linear layers batched,
 attention per request on its own slot). The worker and the fusion loop do not change: a
 request thread calls `forward` and blocks until the batch it joined has run.
@@ -30,8 +30,9 @@ from coolfusion.runtime import batched_forward
 from coolfusion.runtime import logprobs
 from coolfusion.runtime.batched_forward import Item
 from coolfusion.core.errors import ContextLengthExceeded, Overloaded
-from coolfusion.runtime.batch_scheduler import Runner
+from coolfusion.runtime.batch_scheduler import BatchScheduler
 from coolfusion.runtime.slots import KVRoomError, SlotStorage
+from coolfusion.runtime.hf_compat import text_config
 
 
 PREFILL_CHUNK = 256  # tokens of a prefill per forward
@@ -42,11 +43,11 @@ class BatchedRunner:
                  max_batch_tokens: int = 2048, wait_s: float = 30.0, name: str = "model"):
         self.model = model
         self.device = device
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        cfg = text_config(model.config)
         own = getattr(cfg, "max_position_embeddings", None)
         self.max_positions = min(own, max_len) if own else max_len  # a request must fit its slot
         self.storage = SlotStorage.for_model(model, slots=slots, max_len=max_len + headroom, device=device)
-        self._runner = Runner(model, self.storage, max_batch_tokens=max_batch_tokens, name=f"cf-batch-{name}")
+        self._scheduler = BatchScheduler(model, self.storage, max_batch_tokens=max_batch_tokens, name=f"cf-batch-{name}")
         self._free = threading.Condition()
         self.wait_s = wait_s
         self.forward_tokens = 0
@@ -58,22 +59,22 @@ class BatchedRunner:
     @property
     def forwards(self) -> int:
         """Batched forwards run so far."""
-        return self._runner.forwards
+        return self._scheduler.forwards
 
     @property
     def busy_s(self) -> float:
         """Wall seconds this model has spent in forwards."""
-        return self._runner.busy_s
+        return self._scheduler.busy_s
 
     @property
     def items(self) -> int:
         """Requests' forwards run in them (items / forwards = the mean batch)."""
-        return self._runner.items
+        return self._scheduler.items
 
     @property
     def batch_sizes(self) -> list[int]:
         """Requests per forward, most recent last (the last 1,000)."""
-        return list(self._runner.batch_sizes)
+        return list(self._scheduler.batch_sizes)
 
     def kv_report(self) -> dict[str, int]:
         """Slots in use / in all, and the bytes preallocated for them (start-up log, /metrics)."""
@@ -87,7 +88,7 @@ class BatchedRunner:
         with self._free:
             while True:
                 try:
-                    return self._runner.open()
+                    return self._scheduler.open()
                 except KVRoomError:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -95,35 +96,35 @@ class BatchedRunner:
                                          f"(fusion.kv_slots); retry later") from None
                     self._free.wait(left)
 
-    def close_cache(self, slot: int) -> None:
-        self._runner.close(slot)
+    def close_cache(self, cache: int) -> None:  # `cache`: the request's slot number
+        self._scheduler.close(cache)
         with self._free:
             self._free.notify()
 
-    def crop(self, slot: int, n: int) -> None:
-        self.storage.crop(slot, n)
+    def crop(self, cache: int, n: int) -> None:
+        self.storage.crop(cache, n)
 
-    def move(self, slot: int, src: int, dst: int, n: int) -> None:
-        self.storage.move(slot, src, dst, n)
+    def move(self, cache: int, src: int, dst: int, n: int) -> None:
+        self.storage.move(cache, src, dst, n)
 
     # ---- forwards --------------------------------------------------------------------------
 
-    def forward(self, slot: int, tokens: list[int], *, blocks=None, last_only=False) -> torch.Tensor:
+    def forward(self, cache: int, tokens: list[int], *, blocks=None, last_only=False) -> torch.Tensor:
         """As `ModelRunner.forward`, run in the next batched forward of this model."""
         if blocks is None and last_only and len(tokens) > PREFILL_CHUNK:
             for i in range(0, len(tokens) - PREFILL_CHUNK, PREFILL_CHUNK):  # all but the last chunk
-                self.forward(slot, tokens[i : i + PREFILL_CHUNK], last_only=True)
+                self.forward(cache, tokens[i : i + PREFILL_CHUNK], last_only=True)
             rest = len(tokens) - (len(tokens) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
-            return self.forward(slot, tokens[-rest:], last_only=True)
+            return self.forward(cache, tokens[-rest:], last_only=True)
         if blocks is None:
-            item = Item(slot, list(tokens), rows="last" if last_only else "all")
+            item = Item(cache, list(tokens), rows="last" if last_only else "all")
         else:
-            kv = self.storage.length(slot)
+            kv = self.storage.length(cache)
             positions = [q for first, n in blocks for q in range(first, first + n)]
-            sees = batched_forward.block_pattern(kv, [(n, first) for first, n in blocks], device=self.device)
-            item = Item(slot, list(tokens), positions=positions, sees=sees, rows="last" if last_only else "all")
+            sees = batched_forward.block_pattern(kv, blocks, device=self.device)
+            item = Item(cache, list(tokens), positions=positions, sees=sees, rows="last" if last_only else "all")
         try:
-            out = self._runner.forward(item)
+            out = self._scheduler.forward(item)
         except KVRoomError as err:
             raise ContextLengthExceeded(f"the request outgrew its KV slot ({err}); shorten it or raise "
                                         "fusion.kv_max_tokens") from None
@@ -132,15 +133,15 @@ class BatchedRunner:
 
     def fresh_logits(self, ids: list[int]) -> torch.Tensor:
         """Next-token logits after `ids` from a full forward without any cache."""
-        with self._runner.model_lock, torch.inference_mode():
+        with self._scheduler.model_lock, torch.inference_mode():
             out = self.model(input_ids=torch.tensor([ids], device=self.device))
         return out.logits[0, -1].float()  # (V,)
 
     def sequence_logprobs(self, ids: list[int], top: int = 0) -> list[logprobs.Row]:
         """As `ModelRunner.sequence_logprobs`: a full forward without any cache, between the
-        runner thread's batched forwards (it holds the runner's model lock)."""
-        with self._runner.model_lock:
+        scheduler thread's batched forwards (it holds the scheduler's model lock)."""
+        with self._scheduler.model_lock:
             return logprobs.of_sequence(self.model, self.device, ids, top)
 
     def shutdown(self) -> None:
-        self._runner.stop()
+        self._scheduler.stop()

@@ -21,6 +21,7 @@ import bisect
 from collections.abc import Sequence
 
 import torch
+from coolfusion.runtime.hf_compat import text_config
 
 Row = tuple[float, tuple[tuple[int, float], ...]]  # log p of the target, and the top (id, log p)
 MAX_LOGIT_ELEMENTS = 1 << 26  # (T, V) logits of one forward, at most (256 MiB in float32); beyond: row chunks
@@ -66,7 +67,7 @@ def of_sequence(model, device: torch.device, ids: list[int], top: int = 0) -> li
     so that (T, V) logits never exceed MAX_LOGIT_ELEMENTS."""
     if len(ids) < 2:
         return []
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model.config)
     vocab = getattr(cfg, "vocab_size", None) or 1
     inp = torch.tensor([ids], device=device)  # (1, T)
     whole = len(ids) * vocab <= MAX_LOGIT_ELEMENTS  # one forward, every row's logits

@@ -9,31 +9,19 @@ knows how to call a transformers model and how to lay out its attention mask; th
 (`coolfusion.workers.local`) decides what to feed, in terms of tokens, positions and blocks only,
 and edits a request's cache only through `crop` and `move`.
 
-Two runners share this interface: `ModelRunner` here (a transformers cache per request, one
-forward at a time) and `coolfusion.runtime.batched_runner.BatchedRunner` (preallocated slots, the
-forwards of all requests batched into one).
+It implements `coolfusion.runtime.runner.Runner`, as `coolfusion.runtime.batched_runner.BatchedRunner`
+(preallocated slots, the forwards of all requests batched into one) does.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 
 import torch
 
-from coolfusion.runtime import kvcache
+from coolfusion.runtime import batched_forward, kvcache
 from coolfusion.runtime import logprobs
-
-
-def make_runner(model, device: torch.device, fusion=None, name: str = "model"):
-    """The runner `fusion` (a FusionConfig) asks for: batched over KV slots, or this one."""
-    if fusion is not None and fusion.batching:
-        from coolfusion.runtime.batched_runner import BatchedRunner
-
-        return BatchedRunner(model, device, slots=fusion.kv_slots, max_len=fusion.kv_max_tokens,
-                             headroom=16 * fusion.max_segment_tokens, max_batch_tokens=fusion.max_batch_tokens,
-                             name=name)
-    return ModelRunner(model, device)
+from coolfusion.runtime.hf_compat import cache_keyword, text_config
 
 
 class ModelRunner:
@@ -41,13 +29,11 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.lock = threading.Lock()  # one forward at a time on this model
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        cfg = text_config(model.config)
         self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None)
         self._layer_types = tuple(getattr(cfg, "layer_types", None) or ())
         self._sliding = getattr(cfg, "sliding_window", None)
-        # transformers 5.2x renamed the forward's `past_key_values` to `cache`
-        params = inspect.signature(getattr(model, "forward", model)).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_keyword(model)
         self.forward_tokens = 0  # tokens fed through the model (for the benchmark)
 
     @property
@@ -98,6 +84,10 @@ class ModelRunner:
             self.forward_tokens += len(tokens)
         return out.logits[0].float()  # (T, V)
 
+    def kv_report(self) -> dict[str, int]:
+        """{}: no preallocated KV slots (each request's cache grows as it needs)."""
+        return {}
+
     def shutdown(self) -> None:
         """Nothing to stop: forwards run on the caller's thread."""
 
@@ -113,21 +103,13 @@ class ModelRunner:
             return logprobs.of_sequence(self.model, self.device, ids, top)
 
     def block_mask(self, kv: int, blocks):
-        """(1, 1, T, kv+T) additive mask for candidate blocks fed after `kv` cached tokens:
-        block tokens see the committed prefix before their first position and their own
-        block causally (and, on sliding layers, only the window). `blocks`: (first, length)."""
+        """(1, 1, T, kv+T) additive mask for candidate blocks fed after `kv` cached tokens
+        (who sees what: `batched_forward.block_pattern`), and on sliding layers only the window.
+        `blocks`: (first position, length) each."""
         dev = self.device
-        lens = torch.tensor([n for _, n in blocks], device=dev)  # (B,)
-        firsts = torch.tensor([first for first, _ in blocks], device=dev)  # (B,) first positions
-        T = int(lens.sum())
-        block_of = torch.repeat_interleave(torch.arange(len(blocks), device=dev), lens)  # (T,)
-        offset = torch.arange(T, device=dev) - torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens)
-        q_pos = firsts[block_of] + offset  # (T,) sequence positions of the block tokens
-        k_cached = torch.arange(kv, device=dev)  # (kv,) cache slot == position for the prefix
-        sees_prefix = k_cached[None, :] < firsts[block_of][:, None]  # (T, kv)
-        sees_block = (block_of[:, None] == block_of[None, :]) & (offset[None, :] <= offset[:, None])  # (T, T)
-        allow = torch.cat([sees_prefix, sees_block], 1)  # (T, kv+T)
-        k_pos = torch.cat([k_cached, q_pos])  # (kv+T,)
+        allow = batched_forward.block_pattern(kv, blocks, device=dev)  # (T, kv+T)
+        q_pos = torch.cat([torch.arange(first, first + n, device=dev) for first, n in blocks])  # (T,)
+        k_pos = torch.cat([torch.arange(kv, device=dev), q_pos])  # (kv+T,) cache slot == position for the prefix
         neg = torch.finfo(self.model.dtype).min
 
         def to_mask(a):

@@ -19,14 +19,11 @@ Lengths are plain Python ints, changed only by the owner of the storage (the run
 from __future__ import annotations
 
 import torch
+from coolfusion.runtime.hf_compat import text_config
 
 
 class KVRoomError(RuntimeError):
     """No free slot, or a request's sequence would outgrow its slot (max_len)."""
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 class SlotStorage:
@@ -49,7 +46,7 @@ class SlotStorage:
     def for_model(cls, model, *, slots: int, max_len: int, dtype: torch.dtype | None = None,
                   device=None) -> "SlotStorage":
         """Storage shaped from the model's config (layers, KV heads, head dim)."""
-        cfg = _text_config(model.config)
+        cfg = text_config(model.config)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         p = next(model.parameters())

@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from coolfusion.config import ServerConfig
+from coolfusion.engine.client import EngineClient
 
 from coolfusion.server.errors import install_handlers
 from coolfusion.server.middleware import ApiKeyAuth, BodyLimit, RequestContext
@@ -26,7 +27,7 @@ from coolfusion.server.routes import router
 from coolfusion.server.state import AppState
 
 
-def create_app(engine: Any | None = None, settings: ServerConfig | None = None, *, shutdown_grace_s: float = 10.0) -> FastAPI:
+def create_app(engine: EngineClient | None = None, settings: ServerConfig | None = None, *, shutdown_grace_s: float = 10.0) -> FastAPI:
     """An OpenAI-compatible app around `engine` (None: still loading).
 
     `settings` is the config's `server:` section (host and port are used by the runner, not

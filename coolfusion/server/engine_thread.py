@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from coolfusion.core.errors import Cancelled, FusionError
-from coolfusion.core.types import GenerationRequest, Step
+from coolfusion.core.types import Step
+from coolfusion.engine.client import Checked, EngineClient
 
 from coolfusion.server.errors import InternalError
 from coolfusion.server.metrics import Metrics
@@ -45,7 +46,7 @@ class _Stopped:
 
 
 class EngineThread:
-    def __init__(self, engine: Any, request: GenerationRequest, metrics: Metrics, *, name: str = "generation"):
+    def __init__(self, engine: EngineClient, request: Checked, metrics: Metrics, *, name: str = "generation"):
         self._engine = engine
         self._request = request
         self._metrics = metrics
@@ -136,7 +137,7 @@ class EngineThread:
             pass
 
     def _run(self) -> None:
-        model = self._request.model
+        model = self._request.request.model
         outcome = "finished"
         gen = None
         completion_tokens = 0

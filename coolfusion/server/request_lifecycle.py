@@ -26,7 +26,7 @@ import anyio
 
 from coolfusion.core import limits
 from coolfusion.core.errors import Cancelled, FusionError, InvalidRequest
-from coolfusion.core.types import GenerationRequest
+from coolfusion.engine.client import Checked
 
 from coolfusion.server.admission import Ticket
 from coolfusion.server.errors import InternalError, ShuttingDown, dumps, in_band
@@ -42,7 +42,7 @@ log = logging.getLogger("coolfusion.server")
 @dataclass
 class Job:
     info: JobInfo
-    choices: list[GenerationRequest]
+    choices: list[Checked]  # checked once, here; the engine does not check them again
     prompt_tokens: int
     include_usage: bool
     deadline: float
@@ -83,10 +83,9 @@ async def prepare(
     n = body.choices_per_prompt
     if len(bases) * n > limits.MAX_CHOICES:
         raise InvalidRequest(f"at most {limits.MAX_CHOICES} choices (prompts x n) per request", param="n")
-    prompt_tokens = 0
-    for req, where in zip(bases, body.prompt_labels()):
-        prompt_tokens += int(await anyio.to_thread.run_sync(engine.check, req, where))
-    choices = [replace(req, seed=_choice_seed(req.seed, i)) for req in bases for i in range(n)]
+    checked = [await anyio.to_thread.run_sync(engine.check, req, where) for req, where in zip(bases, body.prompt_labels())]
+    prompt_tokens = sum(c.prompt_tokens for c in checked)
+    choices = [replace(c, request=replace(c.request, seed=_choice_seed(c.request.seed, i))) for c in checked for i in range(n)]
     try:
         ticket = state.admission.reserve()
     except FusionError as err:

@@ -65,7 +65,7 @@ class TraceCandidate(BaseModel):
     score: float | None = None  # the selection rule's combined score (lowest wins)
 
 
-class Selection(BaseModel):
+class SelectionTrace(BaseModel):
     """The rule that chose (coolfusion/core/selection.py): `weights` only for `weighted`."""
 
     rule: str
@@ -77,14 +77,14 @@ class TraceStep(BaseModel):
     winner: str
     eos: bool
     candidates: list[TraceCandidate]
-    selection: Selection | None = None  # fused ids: the rule and weights of every decision
+    selection: SelectionTrace | None = None  # fused ids: the rule and weights of every decision
 
 
 class Judge(BaseModel):
     ppl: dict[str, float | None]
     mean_ppl: float | None
     score: float | None = None  # under the request's selection rule
-    selection: Selection | None = None
+    selection: SelectionTrace | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -250,7 +250,7 @@ def _wire(m: BaseModel) -> dict[str, Any]:
 
 
 def trace_step(step: Step) -> TraceStep:
-    extra = {"selection": Selection(**step.selection)} if step.selection is not None else {}
+    extra = {"selection": SelectionTrace(**step.selection)} if step.selection is not None else {}
     return TraceStep(text=step.text, winner=step.winner, eos=step.eos, candidates=[
         TraceCandidate(text=c.text, proposed_by=list(c.proposed_by), eos=c.eos, ppl=dict(c.ppl), mean_ppl=c.mean_ppl,
                        score=c.score)
@@ -262,7 +262,7 @@ def judge_of(steps) -> Judge | None:
     j = getattr(last, "judge", None)
     if j is None:
         return None
-    extra = {"selection": Selection(**last.selection)} if last.selection is not None else {}
+    extra = {"selection": SelectionTrace(**last.selection)} if last.selection is not None else {}
     return Judge(ppl={k: _finite(v) for k, v in j.ppl.items()}, mean_ppl=_finite(j.mean_ppl),
                  score=_finite(j.score), **extra)
 

@@ -73,9 +73,8 @@ async def health(state: AppState = Depends(get_state)) -> JSONResponse:
             responses={"4XX": {"description": _ERRORS["4XX"]["description"],
                                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}})
 async def metrics(state: AppState = Depends(get_state)) -> Response:
-    kv_report = getattr(state.engine, "kv_report", None)
-    if callable(kv_report):
-        state.metrics.on_kv(kv_report())
+    if state.engine is not None:
+        state.metrics.on_kv(state.engine.kv_report())
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
 
 

@@ -32,15 +32,6 @@ from coolfusion.server.errors import UNSUPPORTED_PARAMETER
 _OPEN = ConfigDict(extra="allow")
 
 
-def _valid_text(s: str) -> str:
-    """Reject strings that are not valid Unicode (lone surrogates from JSON escapes)."""
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("text is not valid Unicode (it contains a lone surrogate)") from None
-    return s
-
-
 class FusionOptions(BaseModel):
     """Our extension object; unknown keys are kept for later versions. The selection keys
     override the config's `fusion` section for this request (coolfusion/core/selection.py); the
@@ -111,18 +102,7 @@ class _Common(BaseModel):
         items = [v] if isinstance(v, str) else v
         if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
             raise ValueError("stop must be a string or a list of strings")
-        if len(items) > limits.MAX_STOP:
-            raise ValueError(f"at most {limits.MAX_STOP} stop strings are allowed")
-        for s in items:
-            if not s:
-                raise ValueError("stop strings must not be empty")
-            _valid_text(s)
-        return v
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        return _valid_text(v)
+        return v  # their number, emptiness and text: coolfusion.core.validation, as for every request
 
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -188,12 +168,10 @@ class CompletionRequest(_Common):
     @classmethod
     def _prompt(cls, v: Any) -> Any:
         if isinstance(v, str):
-            return _valid_text(v)
+            return v  # its text is checked with the rest of the request (coolfusion.core.validation)
         if isinstance(v, list) and not v:
             raise ValueError("prompt must not be an empty list")
         if isinstance(v, list) and all(isinstance(p, str) for p in v):
-            for p in v:
-                _valid_text(p)
             return v
         if _token_ids(v) or (isinstance(v, list) and all(_token_ids(p) for p in v)):
             return v
@@ -228,11 +206,6 @@ class TextPart(BaseModel):
     type: Literal["text"]
     text: str
 
-    @field_validator("text")
-    @classmethod
-    def _text(cls, v: str) -> str:
-        return _valid_text(v)
-
 
 class ChatMessage(BaseModel):
     model_config = _OPEN
@@ -246,7 +219,7 @@ class ChatMessage(BaseModel):
         if v is None:
             raise ValueError("content is required (tool calls are not supported)")
         if isinstance(v, str):
-            return _valid_text(v)
+            return v
         if isinstance(v, list):
             for part in v:
                 kind = part.get("type") if isinstance(part, dict) else None

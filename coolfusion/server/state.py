@@ -17,7 +17,7 @@ from fastapi import Request
 
 from coolfusion.config import ServerConfig
 from coolfusion.core.errors import NotReady
-from coolfusion.core.types import GenerationRequest
+from coolfusion.engine.client import Checked, EngineClient
 
 from coolfusion.server.admission import Admission
 from coolfusion.server.errors import ShuttingDown
@@ -29,13 +29,13 @@ log = logging.getLogger("coolfusion.server")
 
 
 class AppState:
-    def __init__(self, settings: ServerConfig, engine: Any | None = None, *, shutdown_grace_s: float = 10.0):
+    def __init__(self, settings: ServerConfig, engine: EngineClient | None = None, *, shutdown_grace_s: float = 10.0):
         self.settings = settings
         self.shutdown_grace_s = shutdown_grace_s
         self.metrics = Metrics()
         self.admission = Admission(settings.max_concurrent, settings.max_queue, self.metrics.on_admission)
         self.created = int(time.time())
-        self.engine: Any | None = None
+        self.engine: EngineClient | None = None
         self.load_error: str | None = None
         self.shutting_down = False
         self._generations: set[EngineThread] = set()
@@ -44,7 +44,9 @@ class AppState:
 
     # ---- engine slot (may be called from any thread) ----------------------------------------
 
-    def set_engine(self, engine: Any) -> None:
+    def set_engine(self, engine: EngineClient) -> None:
+        if not isinstance(engine, EngineClient):
+            raise TypeError(f"{engine!r} does not implement coolfusion.engine.client.EngineClient")
         self.engine = engine
         self.load_error = None
         self.metrics.engine_ready.set(1)
@@ -61,11 +63,11 @@ class AppState:
             return 503, health_body("error", self.load_error)
         if self.engine is None:
             return 503, health_body("loading")
-        if not _engine_healthy(self.engine):
+        if not self.engine.ready:
             return 503, health_body("error", "the engine reports itself unhealthy")
         return 200, health_body("ok")
 
-    def require_engine(self) -> Any:
+    def require_engine(self) -> EngineClient:
         """The engine, or NotReady (503) while loading, broken or shutting down."""
         status, body = self.health()
         if status == 200:
@@ -80,7 +82,7 @@ class AppState:
 
     # ---- generations (event-loop thread) ----------------------------------------------------
 
-    def start_generation(self, request: GenerationRequest, name: str) -> EngineThread:
+    def start_generation(self, request: Checked, name: str) -> EngineThread:
         if self.shutting_down:
             raise ShuttingDown("the server is shutting down")
         gen = EngineThread(self.require_engine(), request, self.metrics, name=name)
@@ -118,18 +120,6 @@ class AppState:
         if self._generations:
             log.info("shutdown: cancelling %d running generation(s)", len(self._generations))
             self.cancel_all("shutdown")
-
-
-def _engine_healthy(engine: Any) -> bool:
-    """An engine may expose `healthy` and/or `ready` (bool or callable); absent means healthy."""
-    for name in ("healthy", "ready"):
-        probe = getattr(engine, name, True)
-        try:
-            if not (probe() if callable(probe) else probe):
-                return False
-        except Exception:
-            return False
-    return True
 
 
 def get_state(request: Request) -> AppState:

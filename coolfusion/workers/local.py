@@ -25,7 +25,7 @@ import torch
 from typing import Sequence
 
 from coolfusion.runtime.loading import LoadedModel
-from coolfusion.runtime.model_runner import make_runner
+from coolfusion.runtime.runner import Runner, make_runner
 from coolfusion.workers.tokenizer_side import TokenizerSide, end_tokens
 from coolfusion.core.words import REPLACEMENT, first_boundary
 from coolfusion.workers.protocol import Proposal, Sampling, WorkerOptions
@@ -77,9 +77,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 class LocalWorker:
     """One loaded model serving many requests; every method takes the request's `State`."""
 
-    def __init__(self, name: str, runner, text: TokenizerSide, options: WorkerOptions, *,
-                 context_limit: int | None = None):
+    def __init__(self, name: str, runner: Runner, text: TokenizerSide, options: WorkerOptions, *,
+                 context_limit: int | None = None, loaded: LoadedModel | None = None):
         self.name = name
+        self.loaded = loaded  # what it was built from, if a loaded model (Engine.with_fusion builds again from it)
         self.runner = runner
         self.text = text
         self.options = options
@@ -95,10 +96,8 @@ class LocalWorker:
         `fusion` (a FusionConfig) chooses the runner (`fusion.batching`)."""
         runner = make_runner(m.model, m.device, fusion, m.name)
         ends, chat_ends = end_tokens(m.name, m.tokenizer, runner.generation_config, m.stop_tokens)
-        worker = cls(m.name, runner, TokenizerSide(m.name, m.tokenizer, ends, chat_ends), options,
-                     context_limit=m.context_limit)
-        worker.loaded = m  # what it was built from (Engine.with_fusion builds again from it)
-        return worker
+        return cls(m.name, runner, TokenizerSide(m.name, m.tokenizer, ends, chat_ends), options,
+                   context_limit=m.context_limit, loaded=m)
 
     def __repr__(self) -> str:
         return f"LocalWorker({self.name})"
@@ -118,6 +117,9 @@ class LocalWorker:
     @property
     def tok_seconds(self) -> float:
         return self.text.tok_seconds
+
+    def kv_report(self) -> dict[str, int]:
+        return self.runner.kv_report()
 
     def shutdown(self) -> None:
         """Stop the runner's thread, if it has one (the model lives as long as this process)."""

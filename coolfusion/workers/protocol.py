@@ -9,7 +9,9 @@ A worker serves one source model to many requests. Per request it holds an opaqu
 plus what the loop and the engine read: `seq_len(state)` (tokens the model holds for the
 request, lookahead included: the context check), `healthy`, and `shutdown()`; and, outside any
 request state, `sequence_logprobs(ids, top)`: the exact per-token log-probs of a token
-sequence from a full forward without cache (`logprobs` / `echo`). Only text and
+sequence from a full forward without cache (`logprobs` / `echo`), and `kv_report()` (its KV
+slots, for /metrics). The benchmark's and tests' probes are a protocol of their own
+(`WorkerProbes`). Only text and
 numbers cross it, so the same loop drives in-process workers (`coolfusion.workers.local`) and Ray
 actors (`coolfusion.workers.ray_proxy`). Options are fixed when a worker is built (`WorkerOptions`),
 never set afterwards. See docs/architecture.md.
@@ -71,12 +73,6 @@ class Worker(Protocol):
     @property
     def healthy(self) -> bool: ...  # False while the model is unavailable (a Ray actor restarting)
 
-    @property
-    def forward_tokens(self) -> int: ...  # tokens fed through the model so far (benchmark)
-
-    @property
-    def tok_seconds(self) -> float: ...  # seconds of tokenizer work so far (benchmark)
-
     def open(self, prompt_ids: list[int], sampling: Sampling = Sampling()) -> Any: ...
 
     def propose(self, state: Any, align: bool, max_tokens: int) -> Proposal: ...
@@ -90,11 +86,25 @@ class Worker(Protocol):
 
     def seq_len(self, state: Any) -> int: ...
 
-    def cached_logits(self, state: Any): ...  # next-token logits from the KV cache (tests)
-
-    def fresh_logits(self, state: Any): ...  # the same from a full forward without cache (tests)
-
     # log p(ids[i] | ids[:i]) for i >= 1 and the `top` most likely (id, log p) there; full forward, no cache
     def sequence_logprobs(self, ids: list[int], top: int = 0) -> list[tuple[float, tuple[tuple[int, float], ...]]]: ...
 
+    def kv_report(self) -> dict[str, int]: ...  # its KV slots (slots, in use, bytes); {} without slots
+
     def shutdown(self) -> None: ...  # the engine is closing: release the model's resources
+
+
+@runtime_checkable
+class WorkerProbes(Protocol):
+    """What the benchmark and the tests read of a worker besides the contract (both workers
+    offer it; the fusion loop and the engine never use it)."""
+
+    @property
+    def forward_tokens(self) -> int: ...  # tokens fed through the model so far (benchmark)
+
+    @property
+    def tok_seconds(self) -> float: ...  # seconds of tokenizer work so far (benchmark)
+
+    def cached_logits(self, state: Any): ...  # next-token logits from the KV cache (tests)
+
+    def fresh_logits(self, state: Any): ...  # the same from a full forward without cache (tests)

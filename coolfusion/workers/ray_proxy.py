@@ -203,6 +203,9 @@ class RayWorker:
         """The current actor handle (it changes when the proxy replaces a dead actor)."""
         return self._actor
 
+    def kv_report(self) -> dict[str, int]:
+        return {}  # the actor's KV storage is not reported to the master
+
     def shutdown(self) -> None:
         """Kill the actor for good (the master is stopping)."""
         with self._lock:

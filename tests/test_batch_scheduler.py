@@ -1,4 +1,4 @@
-"""The runner thread batches the queued forwards of many requests, each getting its own logits."""
+"""The scheduler thread batches the queued forwards of many requests, each getting its own logits."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from coolfusion.runtime.batched_forward import Item
-from coolfusion.runtime.batch_scheduler import Runner
+from coolfusion.runtime.batch_scheduler import BatchScheduler
 from coolfusion.runtime.slots import SlotStorage
 from tiny_models import TOL_TINY, full_logits, rand_ids, tiny_gemma3
 
@@ -19,7 +19,7 @@ def model():
 
 
 def test_everything_queued_runs_as_one_forward(model):
-    r = Runner(model, SlotStorage.for_model(model, slots=4, max_len=32), start=False)
+    r = BatchScheduler(model, SlotStorage.for_model(model, slots=4, max_len=32), start=False)
     slots = [r.open() for _ in range(4)]
     seqs = [rand_ids(n, n) for n in (3, 8, 1, 12)]
     futs = [r.submit(Item(s, ids)) for s, ids in zip(slots, seqs)]
@@ -32,7 +32,7 @@ def test_everything_queued_runs_as_one_forward(model):
 
 
 def test_request_threads_get_what_they_get_alone(model):
-    r = Runner(model, SlotStorage.for_model(model, slots=4, max_len=40))
+    r = BatchScheduler(model, SlotStorage.for_model(model, slots=4, max_len=40))
     errors, barrier = [], threading.Barrier(4)
 
     def request(seed):
@@ -62,7 +62,7 @@ def test_request_threads_get_what_they_get_alone(model):
 
 
 def test_an_item_at_fault_fails_alone(model):
-    r = Runner(model, SlotStorage.for_model(model, slots=3, max_len=32), start=False)
+    r = BatchScheduler(model, SlotStorage.for_model(model, slots=3, max_len=32), start=False)
     a, b, c = r.open(), r.open(), r.open()
     fa, fb, fc = r.submit(Item(a, [1, 2, 3])), r.submit(Item(b, [10_000])), r.submit(Item(c, [4, 5]))
     r.start()
@@ -75,7 +75,7 @@ def test_an_item_at_fault_fails_alone(model):
 
 
 def test_closing_fails_a_queued_item_and_frees_the_slot(model):
-    r = Runner(model, SlotStorage.for_model(model, slots=2, max_len=16), start=False)
+    r = BatchScheduler(model, SlotStorage.for_model(model, slots=2, max_len=16), start=False)
     a = r.open()
     fut = r.submit(Item(a, [1, 2]))
     r.close(a)
@@ -87,7 +87,7 @@ def test_closing_fails_a_queued_item_and_frees_the_slot(model):
 
 
 def test_a_token_budget_splits_the_queue_and_one_slot_waits_for_its_next_forward(model):
-    r = Runner(model, SlotStorage.for_model(model, slots=3, max_len=32), max_batch_tokens=10, start=False)
+    r = BatchScheduler(model, SlotStorage.for_model(model, slots=3, max_len=32), max_batch_tokens=10, start=False)
     a, b, c = r.open(), r.open(), r.open()
     futs = [r.submit(Item(a, rand_ids(8, 1))), r.submit(Item(b, rand_ids(8, 2))), r.submit(Item(c, [7])),
             r.submit(Item(c, [8]))]  # c's second token must wait for its first
@@ -104,7 +104,7 @@ def test_with_padded_decodes_a_request_gets_the_same_bits_at_any_load(model):
     the greedy run of one request is bitwise the same alone and beside three others."""
 
     def run(n_requests):
-        r = Runner(model, SlotStorage.for_model(model, slots=4, max_len=40), pad_decode_to=4)
+        r = BatchScheduler(model, SlotStorage.for_model(model, slots=4, max_len=40), pad_decode_to=4)
         results = {}
 
         def request(seed):
