@@ -78,7 +78,7 @@ class FusionConfig(BaseModel):
     weights: dict[str, float] | Literal["auto"] = {}  # per model, for select: weighted (default 1)
     auto_temperature: float = Field(default=1.0, gt=0)  # T of `weights: auto`
     # how a candidate that ends the turn is scored; `text` (the paper's reading) by measurement:
-    # README "Selection rules", ending a turn
+    # docs/selection.md, "Ending a turn"
     end_scoring: Literal["end_token", "text"] = "text"
     score_end: dict[str, bool] = {}  # per model: false = its end predictions do not count
 

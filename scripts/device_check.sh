@@ -5,7 +5,7 @@
 #                                                downloads pydantic's wheels to .whl/ (both ignored)
 #   there:  bash scripts/device_check.sh run     with the device tool's carry: [".tok", ".whl"]
 # `run` runs the CUDA mechanics tests on tiny random-weight models, then the paper-shape
-# benchmark (README, Benchmark), and writes the logs and the JSON to $OUT (else runs/device).
+# benchmark (docs/benchmarks.md), and writes the logs and the JSON to $OUT (else runs/device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in

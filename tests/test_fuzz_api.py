@@ -90,7 +90,7 @@ def test_no_5xx_and_every_response_conforms_to_the_schema(case, base_url):
 
 
 GENERATION = SCHEMA.include(path_regex="completions$")
-UNSUPPORTED = tuple(sorted(REFUSED_FIELDS))  # 400 unless null or a no-op value (README "Request fields")
+UNSUPPORTED = tuple(sorted(REFUSED_FIELDS))  # 400 unless null or a no-op value (docs/api.md "Request fields")
 
 
 @settings(max_examples=60, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))

@@ -39,7 +39,7 @@ from coolfusion.server.cli import main as coolfusion
 from coolfusion.server.testing import serve_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
-INCLUDE_PATH = "tests/lm_eval_tasks"  # relative to ROOT, as in the README's command
+INCLUDE_PATH = "tests/lm_eval_tasks"  # relative to ROOT, as in the commands of docs/evaluation.md
 METRIC = "exact_match,last-word"  # metric,filter as lm_eval names it in results.json
 LIMIT = 3
 

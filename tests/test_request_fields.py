@@ -1,9 +1,10 @@
-"""The README's tables of refused and accepted request fields, sent row by row (issue 15).
+"""The API page's tables of refused and accepted request fields, sent row by row (issue 15).
 
 A refused field gets a 400 naming it (`param`) with code `unsupported_parameter`; its no-op
-values, listed in the README, are accepted and change nothing; so do the accepted fields.
-The tables are read from README.md, and their refused fields must be exactly the ones the
-request models refuse (coolfusion.server.schemas.REFUSED_FIELDS), so README and code stay in step.
+values, listed on that page, are accepted and change nothing; so do the accepted fields.
+The tables are read from docs/api.md ("Request fields"), and their refused fields must be
+exactly the ones the request models refuse (coolfusion.server.schemas.REFUSED_FIELDS), so the
+docs and the code stay in step.
 Real uvicorn on loopback around the fake engine (only HTTP and validation are under test).
 """
 
@@ -22,13 +23,13 @@ from coolfusion.server.app import create_app
 from coolfusion.server.schemas import REFUSED_FIELDS, ChatCompletionRequest, CompletionRequest
 from coolfusion.server.testing import serve_in_thread
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+API_DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 ROUTES = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 BASE = {"completions": {"prompt": "hello there", "max_tokens": 5},
         "chat": {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5}}
 MODELS = {"completions": CompletionRequest, "chat": ChatCompletionRequest}
 
-# a value of each refused field that would change the output (the README lists the no-ops)
+# a value of each refused field that would change the output (docs/api.md lists the no-ops)
 CHANGING = {
     "best_of": 3,
     "suffix": " the end",
@@ -48,8 +49,8 @@ CHANGING = {
 
 
 def _table(heading: str) -> list[list[str]]:
-    """Rows of the README table whose header row starts with `| heading |`."""
-    lines = README.read_text(encoding="utf-8").splitlines()
+    """Rows of the docs/api.md table whose header row starts with `| heading |`."""
+    lines = API_DOC.read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(f"| {heading} |"))
     rows = []
     for line in lines[start + 2:]:

@@ -1,6 +1,6 @@
 """`python -m coolfusion.bench.auto_weights`: the `weights: auto` weights (coolfusion.core.selection) that the
 configured models get on the first prompts of the LAMBADA and SQuAD evaluation tasks
-(README, "Selection rules"): min, median and max of the first model's weight."""
+(docs/selection.md): min, median and max of the first model's weight."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--models", type=_csv, default=None, metavar="A,B,C",
                    help="table columns: model ids, each optionally with fusion settings, e.g. "
                         "cool-fusion:geo_mean_ppl or 'cool-fusion:select=weighted+weights=auto' "
-                        "(README, 'Selection rules'; default: every id in /v1/models)")
+                        "(docs/selection.md; default: every id in /v1/models)")
     p.add_argument("--limit", type=_positive, default=None, metavar="N",
                    help="evaluate the first N items only (default: all)")
     p.add_argument("--shots", type=int, default=None, metavar="K",

@@ -7,8 +7,8 @@ A column is written `MODEL` or `MODEL:SETTINGS`, where SETTINGS is one of
                                           end_scoring)
     {"select": "weighted", "weights": {"smollm2-135m": 2}}   a JSON object, any fusion keys
 
-and every request of that column sends the settings as its `fusion` object (README,
-"Selection rules"). The label, exactly as given, names the column in the table and in the
+and every request of that column sends the settings as its `fusion` object
+(docs/selection.md). The label, exactly as given, names the column in the table and in the
 results file (`model`); the model id and the settings are stored beside it.
 """
 

@@ -5,7 +5,7 @@ logit_bias, penalties, best_of, suffix, ...) are refused with a 400 `unsupported
 naming the field; each one's no-op values (`tools: []`, `presence_penalty: 0`, ...) are
 accepted. Fields that change nothing here (`user`, `metadata`, `store`, `service_tier`,
 `parallel_tool_calls`, ...) are accepted, and so are fields OpenAI does not define
-(`extra="allow"`), as clients send many. README.md ("Request fields") lists them; a test
+(`extra="allow"`), as clients send many. docs/api.md ("Request fields") lists them; a test
 goes through that list. `logprobs` / `echo` (completions) and `logprobs` / `top_logprobs`
 (chat) are passed to the engine, which checks what each model id can answer
 (coolfusion.core.validation.check_logprobs). A completion prompt may be token ids (a list of ints, or
@@ -85,7 +85,7 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted, changes nothing (as metadata, store, service_tier, ...)
     fusion: FusionOptions | None = None
-    # not implemented, refused unless they are no-ops (README "Request fields")
+    # not implemented, refused unless they are no-ops (docs/api.md "Request fields")
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

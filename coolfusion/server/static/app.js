@@ -432,7 +432,7 @@
     return el("span", { class: "chip", style: { "--c": colorOf(name) } }, el("i", { class: "dot", style: { "--c": colorOf(name) } }), name, extra || null);
   }
 
-  // the selection rule of a traced step (README "Selection rules"); older servers: the paper's mean
+  // the selection rule of a traced step (docs/selection.md); older servers: the paper's mean
   function ruleName(step) {
     return (step.selection && step.selection.rule) || "mean_ppl";
   }
