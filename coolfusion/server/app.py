@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from coolfusion.config import ServerConfig
 
 from coolfusion.server.errors import install_handlers
-from coolfusion.server.middleware import ApiKeyAuth, BodyLimit, RequestContext
+from coolfusion.server.middleware import ApiKeyAuth, BodyLimit, Cors, RequestContext
 from coolfusion.server.routes import router
 from coolfusion.server.state import AppState
 
@@ -59,6 +59,8 @@ def create_app(engine: Any | None = None, settings: ServerConfig | None = None, 
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(_ApiKeyAuthExceptPage, api_key=settings.api_key)
     app.add_middleware(RequestContext, metrics=state.metrics)
+    if settings.cors_allowed_origins:  # outermost: see coolfusion/server/middleware.py
+        app.add_middleware(Cors, settings=settings)
     return app
 
 
