@@ -7,6 +7,7 @@ message that names the key (`models.1.device: ...`). Defaults live here and nowh
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,8 @@ from coolfusion.core.errors import ConfigError
 from coolfusion.runtime.packages import package_dir
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
+_ORIGIN = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]+$")  # scheme://host[:port], as browsers send it
+HTTP_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 class ModelConfig(BaseModel):
@@ -95,6 +98,43 @@ class ServerConfig(BaseModel):
     max_queue: int = Field(default=32, ge=0)  # requests waiting for a slot; beyond: 429
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_body_bytes: int = Field(default=1_048_576, gt=0)
+    # CORS (docs/browser-clients.md): which other origins' pages may call the API from a browser
+    cors_allowed_origins: tuple[str, ...] = Field(default=(), description=(
+        "origins (scheme://host[:port], no path) whose pages may call the API from a browser, or '*' for any; "
+        "empty: no CORS headers, only same-origin pages (the built-in chat page) can call it"))
+    cors_allowed_methods: tuple[str, ...] = Field(default=("GET", "POST"), description=(
+        "HTTP methods a cross-origin page may use ('*': all); the API needs only GET and POST"))
+    cors_allowed_headers: tuple[str, ...] = Field(default=("*",), description=(
+        "request headers a cross-origin page may send ('*': whatever its preflight asks for, "
+        "Authorization included); JavaScript clients add their own, e.g. the openai package's X-Stainless-*"))
+    cors_allow_credentials: bool = Field(default=False, description=(
+        "let cross-origin pages send cookies and HTTP auth (a proxy's login, say); the API key as a "
+        "Bearer header needs no credentials; not with '*' in cors_allowed_origins"))
+
+    @field_validator("cors_allowed_origins")
+    @classmethod
+    def _origins(cls, origins: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.match(origin):
+                raise ValueError(f"{origin!r} is not an origin: scheme://host[:port], with no path or "
+                                 "trailing slash (e.g. http://localhost:3000), or '*'")
+        return origins
+
+    @field_validator("cors_allowed_methods")
+    @classmethod
+    def _methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        methods = tuple(m.upper() for m in methods)
+        for m in methods:
+            if m != "*" and m not in HTTP_METHODS:
+                raise ValueError(f"{m!r} is not an HTTP method ({', '.join(HTTP_METHODS)} or '*')")
+        return methods
+
+    @model_validator(mode="after")
+    def _no_credentials_for_every_origin(self) -> "ServerConfig":
+        if self.cors_allow_credentials and "*" in self.cors_allowed_origins:
+            raise ValueError("cors_allow_credentials: true with '*' in cors_allowed_origins would let every "
+                             "site send the user's cookies; list the origins instead")
+        return self
 
 
 class RayResources(BaseModel):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a virtual environment and run the whole test suite (the README's second command).
 # On a fresh machine: creates .venv, installs the project with its test extras, installs
-# Debian's Chromium for the browser tests when it can (root + apt), then runs pytest.
+# Debian's Chromium for the browser tests when it can (root + apt) and the JavaScript clients
+# they load (npm ci --prefix tests/browser, from the committed package-lock.json), then runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,5 +15,11 @@ PY=${PYTHON:-python3}
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) \
     || echo "note: could not install chromium; the browser tests will be skipped"
+fi
+if command -v npm >/dev/null 2>&1; then
+  npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error \
+    || echo "note: npm ci --prefix tests/browser failed; the browser client tests will be skipped"
+else
+  echo "note: npm not found; the browser client tests (tests/test_browser_clients.py) will be skipped"
 fi
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

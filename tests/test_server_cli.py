@@ -28,7 +28,8 @@ from coolfusion.server.testing import sse_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_FLAGS = ["--config", "--host", "--port", "--api-key", "--max-concurrent", "--max-queue",
-               "--request-timeout", "--max-body-bytes", "--shutdown-grace", "--log-level"]
+               "--request-timeout", "--max-body-bytes", "--cors-allowed-origins", "--cors-allowed-methods",
+               "--cors-allowed-headers", "--cors-allow-credentials", "--shutdown-grace", "--log-level"]
 
 
 def test_serve_help_documents_every_flag(capsys):

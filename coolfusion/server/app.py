@@ -22,7 +22,7 @@ from coolfusion.config import ServerConfig
 from coolfusion.engine.client import EngineClient
 
 from coolfusion.server.errors import install_handlers
-from coolfusion.server.middleware import ApiKeyAuth, BodyLimit, RequestContext
+from coolfusion.server.middleware import ApiKeyAuth, BodyLimit, Cors, RequestContext
 from coolfusion.server.routes import router
 from coolfusion.server.state import AppState
 
@@ -60,6 +60,8 @@ def create_app(engine: EngineClient | None = None, settings: ServerConfig | None
     app.add_middleware(BodyLimit, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(_ApiKeyAuthExceptPage, api_key=settings.api_key)
     app.add_middleware(RequestContext, metrics=state.metrics)
+    if settings.cors_allowed_origins:  # outermost: see coolfusion/server/middleware.py
+        app.add_middleware(Cors, settings=settings)
     return app
 
 

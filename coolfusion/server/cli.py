@@ -36,6 +36,10 @@ _SERVE_OVERRIDES = {  # flag dest -> ServerConfig key
     "max_queue": "max_queue",
     "request_timeout": "request_timeout_s",
     "max_body_bytes": "max_body_bytes",
+    "cors_allowed_origins": "cors_allowed_origins",
+    "cors_allowed_methods": "cors_allowed_methods",
+    "cors_allowed_headers": "cors_allowed_headers",
+    "cors_allow_credentials": "cors_allow_credentials",
 }
 
 
@@ -65,6 +69,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         f"default {d('request_timeout_s'):g})")
     p.add_argument("--max-body-bytes", type=int,
                    help=f"largest request body; beyond: 413 (config server.max_body_bytes; default {d('max_body_bytes')})")
+    p.add_argument("--cors-allowed-origins", nargs="+", metavar="ORIGIN",
+                   help="origins whose pages may call the API from a browser, e.g. http://localhost:3000, or '*' "
+                        "(config server.cors_allowed_origins; default: none, same-origin pages only)")
+    p.add_argument("--cors-allowed-methods", nargs="+", metavar="METHOD",
+                   help=f"methods cross-origin pages may use (config server.cors_allowed_methods; "
+                        f"default {' '.join(d('cors_allowed_methods'))})")
+    p.add_argument("--cors-allowed-headers", nargs="+", metavar="HEADER",
+                   help=f"request headers cross-origin pages may send (config server.cors_allowed_headers; "
+                        f"default {' '.join(d('cors_allowed_headers'))}: any, Authorization included)")
+    p.add_argument("--cors-allow-credentials", action=argparse.BooleanOptionalAction,
+                   help="let cross-origin pages send cookies (config server.cors_allow_credentials; "
+                        f"default {str(d('cors_allow_credentials')).lower()})")
     p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGINT/SIGTERM, how long running generations may finish before they are cancelled (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: %(default)s")

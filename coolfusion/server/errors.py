@@ -2,9 +2,9 @@
 
 The body is always `{"error": {"message", "type", "param", "code"}}`. Engine errors
 (coolfusion.core.errors.FusionError) carry their own status/type/code; the few errors only the HTTP
-layer can raise (401, 413, queue timeout, shutdown) are FusionError subclasses defined here,
-so one function, `error_body`, renders them all, and `install_handlers` wires FastAPI's own
-exceptions (validation 422 -> 400, unknown route 404, 405) into the same shape.
+layer can raise (401, 413, a refused CORS preflight, queue timeout, shutdown) are FusionError
+subclasses defined here, so one function, `error_body`, renders them all, and `install_handlers`
+wires FastAPI's own exceptions (validation 422 -> 400, unknown route 404, 405) into the same shape.
 """
 
 from __future__ import annotations
@@ -34,6 +34,14 @@ class BodyTooLarge(FusionError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class CorsRefused(FusionError):
+    """A CORS preflight from an origin, or for a method or header, that the config does not allow."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "cors_not_allowed"
 
 
 class QueueTimeout(NotReady):

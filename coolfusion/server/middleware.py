@@ -1,5 +1,9 @@
-"""Pure-ASGI middleware, outermost first: request context, API key, body size limit.
+"""Pure-ASGI middleware, outermost first: CORS, request context, API key, body size limit.
 
+- Cors (only when server.cors_allowed_origins is set): Starlette's CORSMiddleware, outermost
+  so that a preflight is answered before the API key is asked for (a browser sends none with
+  it) and every answer below it, 401, 413, 429 and 500 included, carries the CORS headers a
+  browser needs to let the page read it. A refused preflight is a 400 in OpenAI's shape.
 - RequestContext: a request id (the client's `X-Request-Id` when sane, else a fresh one,
   echoed back), one structured log line per request when it ends (streams: after the last
   byte), the requests counter and duration histogram, and a last-resort OpenAI-shaped 500
@@ -19,9 +23,13 @@ import time
 import uuid
 from typing import Any
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from coolfusion.server.errors import BodyTooLarge, InternalError, Unauthorized, error_response
+from coolfusion.config import ServerConfig
+from coolfusion.server.errors import BodyTooLarge, CorsRefused, InternalError, Unauthorized, error_response
 from coolfusion.server.metrics import Metrics
 
 access_log = logging.getLogger("coolfusion.access")
@@ -29,6 +37,31 @@ log = logging.getLogger("coolfusion.server")
 
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 OPEN_PATHS = frozenset({"/health"})
+
+
+class Cors(CORSMiddleware):
+    # Response headers a page may read besides the safelisted ones: the request id (clients
+    # report it; the openai package exposes it) and how long to wait after a 429 or 503.
+    EXPOSED = ("X-Request-Id", "Retry-After")
+    # What each kind of refusal Starlette names ("Disallowed CORS origin, method") is set by.
+    SETTING = {"origin": "cors_allowed_origins", "method": "cors_allowed_methods", "headers": "cors_allowed_headers"}
+
+    def __init__(self, app: ASGIApp, settings: ServerConfig):
+        super().__init__(app, allow_origins=settings.cors_allowed_origins, allow_methods=settings.cors_allowed_methods,
+                         allow_headers=settings.cors_allowed_headers, allow_credentials=settings.cors_allow_credentials,
+                         expose_headers=self.EXPOSED)
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        answer = super().preflight_response(request_headers)
+        if answer.status_code < 400:
+            return answer
+        refused = bytes(answer.body).decode().removeprefix("Disallowed CORS ").split(", ")
+        what = ", ".join(f"{r} (server.{self.SETTING[r]})" if r in self.SETTING else r for r in refused)
+        err = CorsRefused(f"CORS preflight from {request_headers['origin']!r} refused; not allowed: {what}")
+        log.warning("%s", err.message)  # the browser tells only its console; the operator reads it here
+        response = error_response(err)
+        response.headers["Vary"] = answer.headers["Vary"]
+        return response
 
 
 class RequestContext:
