@@ -26,6 +26,7 @@ from typing import Iterator
 
 import torch
 
+from coolfusion.core import selection
 from coolfusion.core.errors import Cancelled, ContextLengthExceeded, FusionError, InvalidRequest, UnknownModel
 from coolfusion.core.types import VARIANTS, Candidate, GenerationRequest, Step
 
@@ -177,6 +178,7 @@ class FakeEngine:
             raise InvalidRequest("the fake engine has no log-probs or token ids", param="prompt")
         if request.max_tokens < 1:  # 0 is the real engine's echo-only request
             raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
+        selection.check(request.selection, self.source_names)  # fusion.* values, as the engine checks them
         n = self.prompt_tokens(request)
         if n + request.max_tokens > self.context_limit:
             param = "prompt" if request.prompt is not None else "messages"
