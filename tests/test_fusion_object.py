@@ -28,13 +28,13 @@ BASE = {"completions": {"prompt": "The capital of France is", "max_tokens": 1},
 CASES = [(ep, stream) for ep in ROUTES for stream in (False, True)]
 CASE_IDS = [f"{ep}{'-stream' if stream else ''}" for ep, stream in CASES]
 
-# a bad value of every key: pydantic's type checks (trace, judge, score_end's values) and the
-# engine's value checks (select, weights, end_scoring; coolfusion.core.selection.check)
+# a bad value of every key: pydantic's type checks (trace, judge, weights, score_end's values) and the
+# engine's value checks (select, end_scoring; coolfusion.core.selection.check)
 BAD_VALUES = {
     "trace": {"trace": "maybe"},
     "judge": {"judge": [1]},
     "select": {"select": "median"},
-    "weights": {"select": "weighted", "weights": {"not-a-model": 1}},
+    "weights": {"select": "weighted", "weights": 5},  # neither a mapping nor "auto"
     "end_scoring": {"end_scoring": "never"},
     "score_end": {"score_end": {"gemma3-270m": "sometimes"}},
 }

@@ -46,7 +46,7 @@ def check_keys(fusion: Mapping[str, object]) -> None:
     object that is not one of KEYS."""
     for key in fusion:
         if key not in KEYS:
-            close = difflib.get_close_matches(str(key), KEYS, n=1)
+            close = difflib.get_close_matches(key, KEYS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise InvalidRequest(f"fusion.{key}: {key!r} is not a key of the fusion object{hint}; "
                                  f"its keys are: {', '.join(KEYS)}", param=f"fusion.{key}", code=UNKNOWN_KEY)
