@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from coolfusion.core import validation
+from coolfusion.core import selection, validation
 from coolfusion.core.errors import Cancelled, FusionError, InvalidRequest, UnknownModel
 from coolfusion.core.types import VARIANTS, Candidate, GenerationRequest, Step
 from coolfusion.engine.client import Checked
@@ -186,6 +186,7 @@ class FakeEngine:
         if request.max_tokens < 1:  # 0 is the real engine's echo-only request
             raise InvalidRequest("max_tokens must be a positive integer", param="max_tokens")
         validation.check_fields(request, fused=request.model in VARIANTS)
+        selection.check(request.selection, self.source_names)  # fusion.* values, as the engine checks them
         n = self.prompt_tokens(request)
         validation.check_context(request, self.source_names[0], n, self.context_limit)
         return Checked(request, {}, n)

@@ -357,6 +357,19 @@ def test_column_labels_split_into_a_model_id_and_fusion_settings():
         "a", 'b:{"weights": {"x": 1, "y": 2}, "select": "weighted"}']
 
 
+@pytest.mark.parametrize("column", ["oracle:selct=max_ppl", 'oracle:{"select": "max_ppl", "traces": true}',
+                                    "oracle:select=weighted+wieghts=auto"])
+def test_a_column_with_an_unknown_fusion_key_is_refused_before_anything_is_sent(fake, tmp_path, capsys, column):
+    fake.reset()
+    argv = ["--task", "gsm8k", "--limit", "1", "--models", f"oracle,{column}",
+            "--base-url", fake.root, "--results", str(tmp_path / "u.jsonl"), "--no-progress"]
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert fake.bodies == [] and not (tmp_path / "u.jsonl").exists()
+    err = capsys.readouterr().err
+    assert "is not a key of the fusion object" in err and "select, weights, end_scoring" in err
+
+
 def test_a_columns_settings_go_in_every_requests_fusion_object_and_in_its_results(fake, tmp_path, capsys):
     task = load_task("gsm8k")
     _teach(fake, task, task.select(2))

@@ -3,12 +3,14 @@
 A column is written `MODEL` or `MODEL:SETTINGS`, where SETTINGS is one of
 
     geo_mean_ppl                          a selection rule alone (fusion.select)
-    select=weighted+weights=auto          key=value pairs joined by '+' (select, weights=auto,
-                                          end_scoring)
-    {"select": "weighted", "weights": {"smollm2-135m": 2}}   a JSON object, any fusion keys
+    select=weighted+weights=auto          key=value pairs joined by '+' (the values are
+                                          strings: select, weights=auto, end_scoring)
+    {"select": "weighted", "weights": {"smollm2-135m": 2}}   a JSON object
 
-and every request of that column sends the settings as its `fusion` object
-(docs/selection.md). The label, exactly as given, names the column in the table and in the
+and every request of that column sends the settings as its `fusion` object (docs/api.md,
+"The fusion object"). A key that is not one of the fusion object's
+(coolfusion.core.fusion_object.KEYS) is refused here, before anything is sent, as the server
+would refuse it. The label, exactly as given, names the column in the table and in the
 results file (`model`); the model id and the settings are stored beside it.
 """
 
@@ -17,12 +19,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from coolfusion.core import fusion_object
+from coolfusion.core.errors import InvalidRequest
 from coolfusion.core.selection import RULES
 from coolfusion.core.types import VARIANTS
 
 from coolfusion.evaluation.tasks import TaskError
-
-_KEYS = ("select", "weights", "end_scoring")  # the key=value form; JSON takes any fusion key
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ def parse_column(label: str) -> Column:
 
 
 def _settings(text: str) -> dict | None:
+    """The fusion object that `text` writes, or None where it is no settings (part of the id)."""
     if text in RULES:
         return {"select": text}
     if text.startswith("{"):
@@ -57,11 +60,16 @@ def _settings(text: str) -> dict | None:
             raise TaskError(f"column settings {text!r} are not valid JSON: {err}") from None
         if not isinstance(value, dict):
             raise TaskError(f"column settings {text!r} must be a JSON object")
-        return value
-    pairs = [p.split("=", 1) for p in text.split("+")]
-    if not all(len(p) == 2 and p[0] in _KEYS for p in pairs):
-        return None
-    return dict(pairs)
+    else:
+        pairs = [p.split("=", 1) for p in text.split("+")]
+        if not all(len(p) == 2 for p in pairs):
+            return None
+        value = dict(pairs)
+    try:
+        fusion_object.check_keys(value)
+    except InvalidRequest as err:
+        raise TaskError(f"column settings {text!r}: {err.message}") from None
+    return value
 
 
 def split_columns(text: str) -> list[str]:

@@ -121,6 +121,8 @@ def from_validation(exc: RequestValidationError) -> FusionError:
         if first.get("type") == "missing":
             return _invalid("request body is required (a JSON object)", None)
         return _invalid("request body must be a JSON object (Content-Type: application/json)", None)
+    if loc[0] == "fusion":  # an error inside the fusion object names its key, as the engine's checks do
+        loc = loc[:2]
     param = ".".join(str(p) for p in loc)
     msgs = []
     for e in errors[:5]:

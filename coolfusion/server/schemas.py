@@ -11,8 +11,9 @@ goes through that list. `logprobs` / `echo` (completions) and `logprobs` / `top_
 (coolfusion.core.validation.check_logprobs). A completion prompt may be token ids (a list of ints, or
 a list of such lists) in the reference tokenizer of the model id. Omitted sampling fields
 keep the engine's defaults (greedy). Our
-extension: `"fusion": {"trace": true, "judge": true, "select": ..., "weights": ...,
-"end_scoring": ..., "score_end": ...}`; other keys in `fusion` are accepted.
+extension, the `fusion` object, is parsed into coolfusion.core.fusion_object.FusionOptions,
+which declares its keys (docs/api.md, "The fusion object"); an unknown key in it is a 400
+naming `fusion.<key>`, before any model work.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from coolfusion.core import limits
 from coolfusion.core.errors import InvalidRequest
-from coolfusion.core.selection import SelectionRequest
+from coolfusion.core.fusion_object import FusionOptions, check_keys
 from coolfusion.core.types import COOL, GenerationRequest, Message
 
 from coolfusion.server.errors import UNSUPPORTED_PARAMETER
@@ -32,21 +33,6 @@ from coolfusion.server.errors import UNSUPPORTED_PARAMETER
 _OPEN = ConfigDict(extra="allow")
 
 
-class FusionOptions(BaseModel):
-    """Our extension object; unknown keys are kept for later versions. The selection keys
-    override the config's `fusion` section for this request (coolfusion/core/selection.py); the
-    engine checks their values (400 naming `fusion.<key>`)."""
-
-    model_config = _OPEN
-    trace: bool = False
-    judge: bool = False  # score the whole answer with every source model (`fusion_judge`)
-    select: str | None = None  # mean_ppl | geo_mean_ppl | max_ppl | min_ppl | weighted
-    weights: dict[str, float] | Literal["auto"] | None = None  # with select: weighted
-    end_scoring: str | None = None  # end_token | text
-    score_end: dict[str, bool] | None = None  # {model: false}: its end predictions do not count
-
-    def selection(self) -> SelectionRequest:
-        return SelectionRequest(self.select, self.weights, self.end_scoring, self.score_end)
 
 
 class StreamOptions(BaseModel):
@@ -103,6 +89,13 @@ class _Common(BaseModel):
         if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
             raise ValueError("stop must be a string or a list of strings")
         return v  # their number, emptiness and text: coolfusion.core.validation, as for every request
+
+    @field_validator("fusion", mode="before")
+    @classmethod
+    def _fusion_keys(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            check_keys(v)  # an unknown key: InvalidRequest, which pydantic lets through to the handler
+        return v
 
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:
