@@ -85,6 +85,13 @@ def describe_type(field: FieldInfo, path: str) -> str:
 
 
 def describe_default(field: FieldInfo) -> str:
+    """The default as the table shows it: a value in code style, else words."""
+    text = default_text(field)
+    return f"`{text}`" if _is_value(field.default) else text
+
+
+def default_text(field: FieldInfo) -> str:
+    """The default in plain text (as `coolfusion serve --help` shows it too)."""
     value = field.default
     if value is PydanticUndefined:
         return "required"
@@ -92,9 +99,13 @@ def describe_default(field: FieldInfo) -> str:
         return "unset"
     if isinstance(value, BaseModel):
         return "its keys' defaults"
-    if isinstance(value, tuple):
-        value = list(value)
-    return f"`{json.dumps(value)}`" if not isinstance(value, str) else f"`{value}`"
+    if isinstance(value, str):
+        return value
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def _is_value(default: Any) -> bool:
+    return default is not PydanticUndefined and default is not None and not isinstance(default, BaseModel)
 
 
 def _type_words(annotation: Any, path: str) -> str:

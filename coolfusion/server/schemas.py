@@ -24,7 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from coolfusion.core import limits
 from coolfusion.core.errors import InvalidRequest
-from coolfusion.core.selection import SelectionRequest
+from coolfusion.core.selection import END_SCORING, RULES, SelectionRequest
 from coolfusion.core.types import COOL, GenerationRequest, Message
 
 from coolfusion.server.errors import UNSUPPORTED_PARAMETER
@@ -49,9 +49,10 @@ class FusionOptions(BaseModel):
     model_config = _OPEN
     trace: bool = False
     judge: bool = False  # score the whole answer with every source model (`fusion_judge`)
-    select: str | None = None  # mean_ppl | geo_mean_ppl | max_ppl | min_ppl | weighted
+    select: str | None = Field(None, description=f"one of {', '.join(RULES)}; unset: the config's fusion.select")
     weights: dict[str, float] | Literal["auto"] | None = None  # with select: weighted
-    end_scoring: str | None = None  # end_token | text
+    end_scoring: str | None = Field(None, description=f"one of {', '.join(END_SCORING)}; "
+                                                      "unset: the config's fusion.end_scoring")
     score_end: dict[str, bool] | None = None  # {model: false}: its end predictions do not count
 
     def selection(self) -> SelectionRequest:
