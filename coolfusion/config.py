@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from coolfusion.core import selection
 from coolfusion.core.errors import ConfigError, InvalidRequest
+from coolfusion.extras import install_command
 from coolfusion.runtime.packages import package_dir
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -199,8 +200,8 @@ def parse_config(data: dict) -> Config:
     except ValidationError as err:
         raise ConfigError(_format(err)) from None
     if cfg.backend == "ray" and importlib.util.find_spec("ray") is None:
-        raise ConfigError("backend: 'ray' needs the Ray package, which is not installed "
-                          "(pip install 'coolfusion[ray]')")
+        raise ConfigError(f"backend: 'ray' needs the Ray package, which is not installed "
+                          f"({install_command('ray')})")
     for i, m in enumerate(cfg.models):
         check_source(i, m, devices=cfg.backend == "local")  # Ray actors pick their devices on their nodes
     return cfg

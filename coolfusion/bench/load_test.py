@@ -47,8 +47,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-import httpx
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python coolfusion/bench/load_test.py` from a bare checkout
     sys.path.insert(0, ROOT)
@@ -56,6 +54,9 @@ if ROOT not in sys.path:  # `python coolfusion/bench/load_test.py` from a bare c
 from coolfusion.bench.load_clients import (  # noqa: E402
     PROMPTS, ClientSpec, Outcome, PeakSampler, plan_clients, rss_bytes, scrape, send, wait_idle,
 )
+from coolfusion.extras import require  # noqa: E402
+
+httpx = require("httpx", "bench")
 
 # ---- the run ------------------------------------------------------------------------------------
 

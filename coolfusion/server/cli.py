@@ -235,9 +235,9 @@ def _add_delegate(sub: Any, name: str, module: str, help_text: str, *, load: boo
         return
     try:
         mod = importlib.import_module(module)
-    except ImportError as err:
-        p = sub.add_parser(name, help=f"{help_text} (unavailable: {err})")
-        p.set_defaults(handler=_unavailable(name, err))
+    except ImportError as err:  # e.g. coolfusion.extras.MissingExtra, naming the extra to install
+        p = sub.add_parser(name, help=f"{help_text} (unavailable: {err})", add_help=False)
+        p.set_defaults(handler=_unavailable(name, err), any_arguments=True)  # say why, whatever was asked
         return
     p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().splitlines()[0])
     mod.add_arguments(p)
@@ -254,7 +254,10 @@ def _unavailable(name: str, err: Exception) -> Callable[[argparse.Namespace], in
 
 def main(argv: Sequence[str] | None = None, prog: str = "coolfusion") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog, argv).parse_args(argv)
+    parser = build_parser(prog, argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     result = args.handler(args)
     return int(result or 0)
 
