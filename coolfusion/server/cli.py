@@ -8,8 +8,9 @@ tokenizer directory, without loading weights: lm-eval's log-likelihood tasks nee
 
 `coolfusion serve --config config.yaml` starts answering at once (/health is 503 while the
 models load in a background thread, then 200). Settings come from the config's `server:`
-section; command-line flags override them, and COOLFUSION_API_KEY overrides the config's
-api_key (a flag overrides both). `python -m coolfusion.server ...` is `coolfusion serve ...`.
+section; command-line flags override them (one flag per key, generated from
+coolfusion.config.ServerConfig), and COOLFUSION_API_KEY overrides the config's api_key (a flag
+overrides both). `python -m coolfusion.server ...` is `coolfusion serve ...`.
 """
 
 from __future__ import annotations
