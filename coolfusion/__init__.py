@@ -8,7 +8,9 @@ OpenAI-compatible HTTP API. The sub-packages are the layers (docs/architecture.m
     engine/     orchestration of a request over the workers; log-likelihoods
     server/     HTTP only (FastAPI): routes, SSE, errors, admission, CLI
     evaluation/, bench/   clients of the public API
-    config.py   config.yaml's schema: every key once, with its default
+    config.py   config.yaml's schema: every key once, with its default and description
+    config_doc.py   docs/configuration.md, generated from that schema
+    extras.py   the optional extras (eval, bench, ray): importing one names its pip command
 
 The engine knows nothing about HTTP:
 

@@ -14,7 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from coolfusion.core.errors import ConfigError
+from coolfusion.core import selection
+from coolfusion.core.errors import ConfigError, InvalidRequest
+from coolfusion.extras import install_command
 from coolfusion.runtime.packages import package_dir
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
@@ -34,15 +36,20 @@ class ModelConfig(BaseModel):
 
     model_config = _STRICT
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
-    path: str | None = None
-    package: str | None = None
-    gguf_file: str | None = None
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    chat_template: str | None = None  # a built-in name (see coolfusion/core/chat.py) or a Jinja template
-    stop_tokens: tuple[str, ...] = ()  # extra tokens that end a turn, besides the EOS token
-    context_limit: int | None = Field(default=None, gt=0)  # default: the model's own maximum
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$",
+                      description="the model id clients ask for (/v1/models); unique, not a fused id")
+    path: str | None = Field(None, description="a Hugging Face id or a local directory (give `path` or `package`)")
+    package: str | None = Field(None, description="an installed Python package that ships or assembles a GGUF "
+                                                  "(give `path` or `package`)")
+    gguf_file: str | None = Field(None, description="the GGUF file inside `path` or the package folder")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="the weights' dtype; auto: bfloat16 on CUDA, float32 on CPU and for GGUF")
+    chat_template: str | None = Field(None, description="a built-in name (coolfusion/core/chat.py) or a Jinja "
+                                                        "template; unset: the tokenizer's own")
+    stop_tokens: tuple[str, ...] = Field((), description="extra tokens that end a turn, besides the EOS token")
+    context_limit: int | None = Field(None, gt=0, description="prompt plus answer tokens, at most; unset: the "
+                                                              "model's own maximum")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -59,45 +66,54 @@ class ModelConfig(BaseModel):
 
 
 class FusionConfig(BaseModel):
-    """How the fusion loop runs."""
+    """How the fusion loop runs. The selection keys (`select`, `weights`, `auto_temperature`,
+    `end_scoring`, `score_end`; coolfusion/core/selection.py) can be overridden per request in
+    the request's `fusion` object."""
 
     model_config = _STRICT
 
-    max_segment_tokens: int = Field(default=16, gt=0, le=256)  # cap on one proposal
-    score: Literal["mean_nll", "nll_sum"] = "mean_nll"  # PPL = exp(mean NLL) (paper text) or exp(sum)
-    parallel: bool = True  # run the models' propose/score/commit in parallel threads
-    # False turns every shortcut off (lookahead and KV reuse, skipped scoring, tail-only
-    # re-tokenization, threads): a slow reference that must give the same text.
-    fast_paths: bool = True
-    default_max_tokens: int = Field(default=256, gt=0)
-    # Batching (coolfusion/runtime/batched_runner.py): per model, the forwards of every running request in
-    # one forward over preallocated KV slots. False: one forward at a time, a cache per request.
-    batching: bool = False
-    kv_slots: int = Field(default=8, gt=0)  # requests' KV rooms per model (a request uses 1, 2 with judge/rerank)
-    kv_max_tokens: int = Field(default=4096, gt=0)  # tokens per slot; caps every model's context
-    max_batch_tokens: int = Field(default=2048, gt=0)  # new tokens in one batched forward, at most
-    # Selection (coolfusion/core/selection.py; each can be overridden per request in `fusion`)
-    select: Literal["mean_ppl", "geo_mean_ppl", "max_ppl", "min_ppl", "weighted"] = "mean_ppl"
-    weights: dict[str, float] | Literal["auto"] = {}  # per model, for select: weighted (default 1)
-    auto_temperature: float = Field(default=1.0, gt=0)  # T of `weights: auto`
-    # how a candidate that ends the turn is scored; `text` (the paper's reading) by measurement:
-    # docs/selection.md, "Ending a turn"
-    end_scoring: Literal["end_token", "text"] = "text"
-    score_end: dict[str, bool] = {}  # per model: false = its end predictions do not count
+    max_segment_tokens: int = Field(16, gt=0, le=256, description="cap on one proposal's tokens")
+    score: Literal["mean_nll", "nll_sum"] = Field(
+        "mean_nll", description="PPL = exp(mean NLL) (the paper's text) or exp(sum of NLL)")
+    parallel: bool = Field(True, description="run the models' propose, score and commit in parallel threads")
+    fast_paths: bool = Field(True, description="false turns every shortcut off (lookahead and KV reuse, skipped "
+                                               "scoring, tail-only re-tokenization, threads): a slow reference "
+                                               "that must give the same text")
+    default_max_tokens: int = Field(256, gt=0, description="max_tokens of a request that gives none")
+    batching: bool = Field(False, description="per model, the forwards of every running request in one forward "
+                                              "over preallocated KV slots (coolfusion/runtime/batched_runner.py); "
+                                              "false: one forward at a time, a cache per request")
+    kv_slots: int = Field(8, gt=0, description="with batching: requests' KV rooms per model (a request uses 1, "
+                                               "2 with judge or rerank)")
+    kv_max_tokens: int = Field(4096, gt=0, description="with batching: tokens per KV slot; caps every model's context")
+    max_batch_tokens: int = Field(2048, gt=0, description="with batching: new tokens in one batched forward, at most")
+    select: selection.Rule = Field(selection.DEFAULT_RULE, description="the selection rule: how a candidate's "
+                                   "per-model perplexities make its score (coolfusion/core/selection.py)")
+    weights: dict[str, float] | Literal["auto"] = Field(
+        {}, description="with select: weighted, per model (unlisted: 1); auto: per request, from how well "
+                        "each model predicts the prompt")
+    auto_temperature: float = Field(selection.DEFAULT_AUTO_TEMPERATURE, gt=0, description="T of `weights: auto`")
+    end_scoring: selection.EndScoring = Field(
+        selection.DEFAULT_END_SCORING, description="how a candidate that ends the turn is scored: on its text "
+        "(the paper's reading) or with each model's end token appended")
+    score_end: dict[str, bool] = Field({}, description="per model: false = its end predictions do not count")
 
 
 class ServerConfig(BaseModel):
-    """HTTP server settings; every one can be overridden on the command line."""
+    """HTTP server settings; every one can be overridden by a `coolfusion serve` flag."""
 
     model_config = _STRICT
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
-    api_key: str | None = None  # also COOLFUSION_API_KEY
-    max_concurrent: int = Field(default=4, gt=0)  # generations running at once
-    max_queue: int = Field(default=32, ge=0)  # requests waiting for a slot; beyond: 429
-    request_timeout_s: float = Field(default=600.0, gt=0)
-    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every route but /health "
+                                                  "(unset: no auth); env COOLFUSION_API_KEY overrides it")
+    max_concurrent: int = Field(4, gt=0, description="generations running at once")
+    max_queue: int = Field(32, ge=0, description="requests waiting for a slot; beyond: 429")
+    request_timeout_s: float = Field(600.0, gt=0, description="per-request time limit in seconds, queueing included")
+    max_body_bytes: int = Field(1_048_576, gt=0, description="largest request body; beyond: 413")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="on SIGINT/SIGTERM, seconds running generations may "
+                                                            "finish before they are cancelled")
     # CORS (docs/browser-clients.md): which other origins' pages may call the API from a browser
     cors_allowed_origins: tuple[str, ...] = Field(default=(), description=(
         "origins (scheme://host[:port], no path) whose pages may call the API from a browser, or '*' for any; "
@@ -142,8 +158,8 @@ class RayResources(BaseModel):
 
     model_config = _STRICT
 
-    num_cpus: float | None = Field(default=None, ge=0)
-    num_gpus: float | None = Field(default=None, ge=0)
+    num_cpus: float | None = Field(None, ge=0, description="CPUs for this model's actor")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs for this model's actor")
 
 
 class RayConfig(BaseModel):
@@ -151,13 +167,14 @@ class RayConfig(BaseModel):
 
     model_config = _STRICT
 
-    address: str | None = None  # "auto" (running cluster), "local" (start one), "ray://host:10001"; None: Ray's default
-    runtime_env: dict[str, Any] | None = None  # passed to ray.init (e.g. working_dir, pip)
-    num_cpus: float = Field(default=1.0, ge=0)  # per actor, unless set under `models`
-    num_gpus: float = Field(default=0.0, ge=0)  # per actor, unless set under `models`
-    models: dict[str, RayResources] = {}  # per model name: {num_cpus, num_gpus}
-    max_restarts: int = Field(default=-1, ge=-1)  # Ray restarts of a dead actor (-1: always)
-    start_timeout_s: float = Field(default=900.0, gt=0)  # wait for an actor to load its model
+    address: str | None = Field(None, description="auto (a running cluster), local (start one) or "
+                                                  "ray://host:10001; unset: Ray's default")
+    runtime_env: dict[str, Any] | None = Field(None, description="passed to ray.init (e.g. working_dir, pip)")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per actor, unless set under `models`")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor, unless set under `models`")
+    models: dict[str, RayResources] = Field({}, description="per model name: its own num_cpus and num_gpus")
+    max_restarts: int = Field(-1, ge=-1, description="Ray restarts of a dead actor (-1: always)")
+    start_timeout_s: float = Field(900.0, gt=0, description="seconds to wait for an actor to load its model")
 
     def resources(self, name: str) -> RayResources:
         own = self.models.get(name) or RayResources()
@@ -166,13 +183,17 @@ class RayConfig(BaseModel):
 
 
 class Config(BaseModel):
+    """The whole file."""
+
     model_config = _STRICT
 
-    models: tuple[ModelConfig, ...] = Field(min_length=1)
-    fusion: FusionConfig = FusionConfig()
-    server: ServerConfig = ServerConfig()
-    backend: Literal["local", "ray"] = "local"  # where the source models run
-    ray: RayConfig = RayConfig()
+    models: tuple[ModelConfig, ...] = Field(min_length=1, description="the source models, at least one; the "
+                                            "first one's tokenizer is the reference for the fused ids")
+    fusion: FusionConfig = Field(FusionConfig(), description="how the fusion loop runs")
+    server: ServerConfig = Field(ServerConfig(), description="the HTTP server")
+    backend: Literal["local", "ray"] = Field("local", description="where the source models run: in this "
+                                             "process, or each in its own Ray actor")
+    ray: RayConfig = Field(RayConfig(), description="the Ray backend (with backend: ray)")
 
     @model_validator(mode="after")
     def _checks(self) -> "Config":
@@ -187,9 +208,6 @@ class Config(BaseModel):
         for n in self.ray.models:
             if n not in names:
                 raise ValueError(f"ray.models.{n}: no model named {n!r} in models")
-        from coolfusion.core import selection
-        from coolfusion.core.errors import InvalidRequest
-
         try:  # the same checks as a request's `fusion` settings
             if isinstance(self.fusion.weights, dict):
                 selection.check_weights(self.fusion.weights, names, "fusion.weights")
@@ -222,8 +240,8 @@ def parse_config(data: dict) -> Config:
     except ValidationError as err:
         raise ConfigError(_format(err)) from None
     if cfg.backend == "ray" and importlib.util.find_spec("ray") is None:
-        raise ConfigError("backend: 'ray' needs the Ray package, which is not installed "
-                          "(pip install 'coolfusion[ray]')")
+        raise ConfigError(f"backend: 'ray' needs the Ray package, which is not installed "
+                          f"({install_command('ray')})")
     for i, m in enumerate(cfg.models):
         check_source(i, m, devices=cfg.backend == "local")  # Ray actors pick their devices on their nodes
     return cfg

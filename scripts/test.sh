@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up a virtual environment and run the whole test suite (the README's second command).
-# On a fresh machine: creates .venv, installs the project with its test extras, installs
-# Debian's Chromium for the browser tests when it can (root + apt) and the JavaScript clients
-# they load (npm ci --prefix tests/browser, from the committed package-lock.json), then runs pytest.
+# On a fresh machine: creates .venv, installs the project with its test extra (which pulls the
+# eval, bench and ray extras), installs Debian's Chromium for the browser tests when it can
+# (root + apt) and the JavaScript clients they load (npm ci --prefix tests/browser, from the
+# committed package-lock.json), then runs pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from coolfusion.config import ServerConfig
-from coolfusion.server.cli import DELEGATES, build_parser, main, server_settings
+from coolfusion.server.cli import DELEGATES, add_serve_arguments, build_parser, flag_dest, main, server_settings
 from coolfusion.server.testing import sse_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,6 +69,29 @@ def test_flags_override_the_config_and_the_env_key_overrides_the_config_key():
     args = build_parser().parse_args(["serve", "--api-key", "from-flag"])
     assert server_settings(cfg, args, environ={"COOLFUSION_API_KEY": "from-env"}).api_key == "from-flag"
     assert server_settings(ServerConfig(), build_parser().parse_args(["serve"]), environ={}).api_key is None
+
+
+def test_every_server_key_is_a_serve_flag_with_the_schemas_description_and_default():
+    """The flags are generated from ServerConfig: a key added there is a flag at once."""
+    from coolfusion.config_doc import default_text
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    actions = {a.dest: a for a in parser._actions}
+    for key, field in ServerConfig.model_fields.items():
+        action = actions[flag_dest(key)]
+        flag = "--" + flag_dest(key).replace("_", "-")
+        assert action.option_strings == ([flag, "--no-" + flag[2:]] if field.annotation is bool else [flag])
+        assert action.help.startswith(field.description.replace("%", "%%"))
+        assert f"config server.{key}; default: {default_text(field)}" in action.help
+        assert action.default is None  # an absent flag leaves the config's value
+
+
+def test_the_shutdown_grace_flag_sets_the_config_key():
+    args = build_parser().parse_args(["serve", "--shutdown-grace", "0.3"])
+    assert server_settings(ServerConfig(shutdown_grace_s=7), args, environ={}).shutdown_grace_s == 0.3
+    assert server_settings(ServerConfig(shutdown_grace_s=7), build_parser().parse_args(["serve"]),
+                           environ={}).shutdown_grace_s == 7
 
 
 def test_an_out_of_range_flag_is_rejected_naming_the_setting():

@@ -233,7 +233,7 @@ def _raw_garbage(url: str) -> None:
 
 def test_shutdown_ends_an_open_stream_with_an_in_band_error_and_done_and_frees_the_engine():
     engine = slow_engine()
-    app = create_app(engine, ServerConfig(), shutdown_grace_s=0.3)
+    app = create_app(engine, ServerConfig(shutdown_grace_s=0.3))
     with serve_in_thread(app) as url:
         reader = StreamReader(url, "/v1/completions", {"prompt": "long one", "stream": True, "max_tokens": 500})
         reader.wait_for_events(2)
@@ -248,7 +248,7 @@ def test_shutdown_ends_an_open_stream_with_an_in_band_error_and_done_and_frees_t
 
 def test_shutdown_lets_a_generation_that_finishes_within_the_grace_period_complete():
     engine = FakeEngine(delay_s=SEGMENT_S, filler_words=4)
-    app = create_app(engine, ServerConfig(), shutdown_grace_s=5)
+    app = create_app(engine, ServerConfig(shutdown_grace_s=5))
     with serve_in_thread(app) as url:
         reader = StreamReader(url, "/v1/completions", {"prompt": "short", "stream": True})
         reader.wait_for_events(1)

@@ -12,10 +12,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from coolfusion.extras import require
 from coolfusion.server.testing import sse_data
+
+httpx = require("httpx", "bench")
 
 PROMPTS = (
     "The capital of France is",

@@ -47,8 +47,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-import httpx
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python coolfusion/bench/load_test.py` from a bare checkout
     sys.path.insert(0, ROOT)
@@ -56,6 +54,11 @@ if ROOT not in sys.path:  # `python coolfusion/bench/load_test.py` from a bare c
 from coolfusion.bench.load_clients import (  # noqa: E402
     PROMPTS, ClientSpec, Outcome, PeakSampler, plan_clients, rss_bytes, scrape, send, wait_idle,
 )
+from coolfusion.config import ServerConfig  # noqa: E402
+from coolfusion.extras import require  # noqa: E402
+
+httpx = require("httpx", "bench")
+SERVER = ServerConfig()  # the server's defaults: an in-process server starts from them
 
 # ---- the run ------------------------------------------------------------------------------------
 
@@ -194,7 +197,7 @@ def run_load(
     server_pid: int | None = -1,
     engine: Any | None = None,
     rss_tolerance: float = 0.10,
-    request_timeout_s: float = 600.0,
+    request_timeout_s: float = SERVER.request_timeout_s,
     max_retries: int = 5,
     idle_timeout_s: float = 120.0,
     log: Callable[[str], None] = lambda s: None,
@@ -278,10 +281,10 @@ def run_load(
     )
 
 
-def serve_and_load(engine: Any, plan: list[ClientSpec], *, max_concurrent: int = 4, max_queue: int | None = None,
-                   request_timeout_s: float = 600.0, api_key: str | None = None, **kw: Any) -> Report:
+def serve_and_load(engine: Any, plan: list[ClientSpec], *, max_concurrent: int = SERVER.max_concurrent,
+                   max_queue: int | None = None, request_timeout_s: float = SERVER.request_timeout_s,
+                   api_key: str | None = None, **kw: Any) -> Report:
     """An in-process server around `engine` (max_queue >= clients unless given), loaded by `plan`."""
-    from coolfusion.config import ServerConfig
     from coolfusion.server.app import create_app
     from coolfusion.server.testing import serve_in_thread
 
@@ -303,11 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disconnect-fraction", type=float, default=0.25, help="clients that hang up mid-stream (default: %(default)s)")
     p.add_argument("--model", default="cool-fusion", help="model id (default: %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("COOLFUSION_API_KEY"), help="Bearer key (default: env COOLFUSION_API_KEY)")
-    p.add_argument("--max-concurrent", type=int, default=4, help="in-process server: generation slots (default: %(default)s)")
+    p.add_argument("--max-concurrent", type=int, default=SERVER.max_concurrent, help="in-process server: generation slots (default: %(default)s)")
     p.add_argument("--batching", choices=["config", "on", "off"], default="config",
                    help="in-process server: fusion.batching as in the config, or forced on/off (default: %(default)s)")
     p.add_argument("--max-queue", type=int, help="in-process server: queue places (default: the number of clients)")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="server and client time limit per request (default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=SERVER.request_timeout_s, help="server and client time limit per request (default: %(default)s)")
     p.add_argument("--max-retries", type=int, default=5, help="retries of a 429, after its Retry-After (default: %(default)s)")
     p.add_argument("--rss-tolerance", type=float, default=0.10, help="allowed RSS change after the load (default: %(default)s)")
     args = p.parse_args(argv)

@@ -4,7 +4,7 @@ Every model scores every distinct candidate (coolfusion.core.loop); a rule combi
 per-model perplexities into one score, and the lowest score wins (ties: the earlier
 proposer). The rules, for a candidate c and the models v that scored it:
 
-    mean_ppl      sum_v PPL_v(c) / k                     the paper's Eq. 3 (default)
+    mean_ppl      sum_v PPL_v(c) / k                     the paper's Eq. 3 (DEFAULT_RULE)
     geo_mean_ppl  exp(sum_v log PPL_v(c) / k)             a product of experts: no model's
                                                           surprise dominates the others
     max_ppl       max_v PPL_v(c)                          the candidate whose worst score is best
@@ -18,7 +18,7 @@ request's own prompt, as in Pack of LLMs (arXiv 2404.11531, PackLLM-sim):
     w_v = softmax_v(-L_v / T),  L_v = (sum of model v's NLL over its prompt tokens) / n
 
 with n the prompt's token count in the reference tokenizer (so that models with different
-tokenizers are compared per the same unit) and T = `fusion.auto_temperature` (default 1.0).
+tokenizers are compared per the same unit) and T = `fusion.auto_temperature` (DEFAULT_AUTO_TEMPERATURE).
 A model with weight 0 does not count.
 
 How a turn ends (`fusion.end_scoring`, and `fusion.score_end: {model: false}`): a candidate
@@ -38,14 +38,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Mapping, Sequence, get_args
 
 from coolfusion.core.errors import InvalidRequest
 
+# The rule names and the defaults, written here once: the config (coolfusion.config), the
+# request schema (coolfusion.server.schemas) and docs/configuration.md take them from here.
 Rule = Literal["mean_ppl", "geo_mean_ppl", "max_ppl", "min_ppl", "weighted"]
-RULES: tuple[str, ...] = ("mean_ppl", "geo_mean_ppl", "max_ppl", "min_ppl", "weighted")
+RULES: tuple[str, ...] = get_args(Rule)
+DEFAULT_RULE: Rule = "mean_ppl"
 EndScoring = Literal["end_token", "text"]
-END_SCORING: tuple[str, ...] = ("end_token", "text")
+END_SCORING: tuple[str, ...] = get_args(EndScoring)
+DEFAULT_END_SCORING: EndScoring = "text"
+DEFAULT_AUTO_TEMPERATURE = 1.0
 AUTO = "auto"
 
 
@@ -53,9 +58,9 @@ AUTO = "auto"
 class Selection:
     """One request's selection rule, resolved (weights are numbers here, `auto` computed)."""
 
-    rule: str = "mean_ppl"
+    rule: str = DEFAULT_RULE
     weights: Mapping[str, float] = field(default_factory=dict)  # model -> weight (weighted only)
-    end_scoring: str = "text"  # the config's default (coolfusion.config)
+    end_scoring: str = DEFAULT_END_SCORING
     no_end: frozenset[str] = frozenset()  # models whose end predictions do not count
 
     def combine(self, ppl: Mapping[str, float]) -> float:
@@ -108,7 +113,7 @@ class SelectionRequest:
     score_end: Mapping[str, bool] | None = None
 
 
-def check(req: SelectionRequest, models: Sequence[str], default_rule: str = "mean_ppl") -> None:
+def check(req: SelectionRequest, models: Sequence[str], default_rule: str = DEFAULT_RULE) -> None:
     """Raise InvalidRequest (a 400) naming the bad `fusion.*` field; `default_rule` is the
     config's `fusion.select`, which applies when the request gives none."""
     if req.select is not None and req.select not in RULES:

@@ -25,6 +25,10 @@ from coolfusion.evaluation.columns import parse_column, split_columns
 from coolfusion.evaluation.report import build_report, to_markdown, write_report
 from coolfusion.evaluation.runner import check_settings, load_results, models_in_column_order, run_task
 from coolfusion.evaluation.tasks import MODES, TASK_NAMES, TaskError, load_task
+from coolfusion.extras import require
+
+openai = require("openai", "eval")  # the client of the server under evaluation
+require("matplotlib", "eval")  # the chart (coolfusion.evaluation.report.plot), checked before a long run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,15 +136,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _client(base_url: str, api_key: str, timeout: float):
-    from openai import OpenAI
-
-    return OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=2)
+    return openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=2)
 
 
 def _check_models(wanted: list[str] | None, client, base_url: str) -> list[str]:
     """The ids to run: `wanted` (each must be listed by /v1/models), else every listed id."""
-    import openai
-
     try:
         listed = [m.id for m in client.models.list()]
     except openai.NotFoundError:  # a server without /v1/models: trust --models

@@ -32,6 +32,7 @@ from typing import Iterable
 
 from coolfusion.evaluation.columns import parse_column
 from coolfusion.evaluation.tasks import Item, Task
+from coolfusion.extras import require
 
 PPL_ROW = "avg PPL (source models)"
 ENDED_ROW = "ended (stop)"
@@ -130,8 +131,7 @@ def to_markdown(report: dict) -> str:
 
 def plot(report: dict, path: str | Path) -> None:
     """Bar chart of the task's metric(s) per model id, written as PNG."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "eval")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

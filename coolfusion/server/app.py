@@ -27,15 +27,15 @@ from coolfusion.server.routes import router
 from coolfusion.server.state import AppState
 
 
-def create_app(engine: EngineClient | None = None, settings: ServerConfig | None = None, *, shutdown_grace_s: float = 10.0) -> FastAPI:
+def create_app(engine: EngineClient | None = None, settings: ServerConfig | None = None) -> FastAPI:
     """An OpenAI-compatible app around `engine` (None: still loading).
 
     `settings` is the config's `server:` section (host and port are used by the runner, not
-    here). `shutdown_grace_s`: on shutdown, how long running generations may continue
-    before they are cancelled and their streams end with an in-band error.
+    here; its `shutdown_grace_s` is how long running generations may continue on shutdown
+    before they are cancelled and their streams end with an in-band error).
     """
     settings = settings or ServerConfig()
-    state = AppState(settings, engine, shutdown_grace_s=shutdown_grace_s)
+    state = AppState(settings, engine)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

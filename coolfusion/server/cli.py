@@ -8,8 +8,9 @@ tokenizer directory, without loading weights: lm-eval's log-likelihood tasks nee
 
 `coolfusion serve --config config.yaml` starts answering at once (/health is 503 while the
 models load in a background thread, then 200). Settings come from the config's `server:`
-section; command-line flags override them, and COOLFUSION_API_KEY overrides the config's
-api_key (a flag overrides both). `python -m coolfusion.server ...` is `coolfusion serve ...`.
+section; command-line flags override them (one flag per key, generated from
+coolfusion.config.ServerConfig), and COOLFUSION_API_KEY overrides the config's api_key (a flag
+overrides both). `python -m coolfusion.server ...` is `coolfusion serve ...`.
 """
 
 from __future__ import annotations
@@ -22,67 +23,63 @@ import os
 import sys
 import textwrap
 import threading
-from typing import Any, Callable, Sequence
+import types
+from typing import Any, Callable, Literal, Sequence, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 log = logging.getLogger("coolfusion.server")
 
-_SERVE_OVERRIDES = {  # flag dest -> ServerConfig key
-    "host": "host",
-    "port": "port",
-    "api_key": "api_key",
-    "max_concurrent": "max_concurrent",
-    "max_queue": "max_queue",
-    "request_timeout": "request_timeout_s",
-    "max_body_bytes": "max_body_bytes",
-    "cors_allowed_origins": "cors_allowed_origins",
-    "cors_allowed_methods": "cors_allowed_methods",
-    "cors_allowed_headers": "cors_allowed_headers",
-    "cors_allow_credentials": "cors_allow_credentials",
-}
+SECONDS_SUFFIX = "_s"
 
 
-def _default(key: str) -> Any:
-    """The config default of `server.<key>` (coolfusion.config.ServerConfig: defaults live there)."""
-    from coolfusion.config import ServerConfig
+def flag_dest(key: str) -> str:
+    """The flag's name for config key `key`: the key without its seconds suffix
+    (`request_timeout_s` -> `--request-timeout SECONDS`), `_` written `-` on the command line."""
+    return key.removesuffix(SECONDS_SUFFIX)
 
-    return ServerConfig.model_fields[key].default
+
+def config_flags(model: type[BaseModel]) -> dict[str, str]:
+    """flag dest -> key, for every key of a config section."""
+    return {flag_dest(key): key for key in model.model_fields}
+
+
+def add_config_flags(p: argparse.ArgumentParser, model: type[BaseModel], section: str) -> None:
+    """One flag per key of the config section `model` (named `section` in the file), its help
+    the key's description and its default the schema's. The flag's own default is None: an
+    absent flag leaves the config's value."""
+    from coolfusion.config_doc import default_text
+
+    for key, field in model.model_fields.items():
+        dest = flag_dest(key)
+        shown = f"config {section}.{key}; default: {default_text(field)}"
+        p.add_argument("--" + dest.replace("_", "-"), dest=dest, help=f"{field.description} ({shown})".replace("%", "%%"),
+                       metavar="SECONDS" if key.endswith(SECONDS_SUFFIX) else None, **_parse_as(field.annotation, key))
+
+
+def _parse_as(annotation: Any, key: str) -> dict[str, Any]:
+    """argparse's type, choices, action or nargs for a config key's type."""
+    args = get_args(annotation)
+    if get_origin(annotation) in (Union, types.UnionType) and type(None) in args:  # optional: the flag sets it
+        rest = [a for a in args if a is not type(None)]
+        annotation = rest[0] if len(rest) == 1 else annotation
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return {"type": type(args[0]), "choices": args}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin in (tuple, list) and args[0] in (str, int, float):
+        return {"type": args[0], "nargs": "*"}
+    if annotation in (str, int, float):
+        return {"type": annotation}
+    raise TypeError(f"no command-line flag for config key {key!r} of type {annotation!r}; teach _parse_as")
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    d = _default
+    from coolfusion.config import ServerConfig
+
     p.add_argument("--config", default="config.yaml", help="configuration file (default: %(default)s)")
-    p.add_argument("--host", help=f"address to listen on (config server.host; default {d('host')})")
-    p.add_argument("--port", type=int, help=f"port to listen on (config server.port; default {d('port')})")
-    p.add_argument(
-        "--api-key",
-        help="require 'Authorization: Bearer KEY' on every route but /health "
-        "(default: env COOLFUSION_API_KEY, then config server.api_key; unset: no auth)",
-    )
-    p.add_argument("--max-concurrent", type=int,
-                   help=f"generations running at once (config server.max_concurrent; default {d('max_concurrent')})")
-    p.add_argument("--max-queue", type=int,
-                   help=f"requests waiting for a slot before 429 (config server.max_queue; default {d('max_queue')})")
-    p.add_argument("--request-timeout", type=float, metavar="SECONDS",
-                   help=f"per-request time limit, queueing included (config server.request_timeout_s; "
-                        f"default {d('request_timeout_s'):g})")
-    p.add_argument("--max-body-bytes", type=int,
-                   help=f"largest request body; beyond: 413 (config server.max_body_bytes; default {d('max_body_bytes')})")
-    p.add_argument("--cors-allowed-origins", nargs="+", metavar="ORIGIN",
-                   help="origins whose pages may call the API from a browser, e.g. http://localhost:3000, or '*' "
-                        "(config server.cors_allowed_origins; default: none, same-origin pages only)")
-    p.add_argument("--cors-allowed-methods", nargs="+", metavar="METHOD",
-                   help=f"methods cross-origin pages may use (config server.cors_allowed_methods; "
-                        f"default {' '.join(d('cors_allowed_methods'))})")
-    p.add_argument("--cors-allowed-headers", nargs="+", metavar="HEADER",
-                   help=f"request headers cross-origin pages may send (config server.cors_allowed_headers; "
-                        f"default {' '.join(d('cors_allowed_headers'))}: any, Authorization included)")
-    p.add_argument("--cors-allow-credentials", action=argparse.BooleanOptionalAction,
-                   help="let cross-origin pages send cookies (config server.cors_allow_credentials; "
-                        f"default {str(d('cors_allow_credentials')).lower()})")
-    p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
-                   help="on SIGINT/SIGTERM, how long running generations may finish before they are cancelled (default: %(default)s)")
+    add_config_flags(p, ServerConfig, "server")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default: %(default)s")
 
 
@@ -111,7 +108,7 @@ def server_settings(cfg_server: Any, args: argparse.Namespace, environ: dict[str
     data = cfg_server.model_dump()
     if environ.get("COOLFUSION_API_KEY"):
         data["api_key"] = environ["COOLFUSION_API_KEY"]
-    for dest, key in _SERVE_OVERRIDES.items():
+    for dest, key in config_flags(ServerConfig).items():
         value = getattr(args, dest, None)
         if value is not None:
             data[key] = value
@@ -140,7 +137,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
 
     configure_logging(args.log_level)
-    app = create_app(None, settings, shutdown_grace_s=args.shutdown_grace)
+    app = create_app(None, settings)
     state = app_state(app)
     holder: dict[str, Any] = {}
 
@@ -239,9 +236,9 @@ def _add_delegate(sub: Any, name: str, module: str, help_text: str, *, load: boo
         return
     try:
         mod = importlib.import_module(module)
-    except ImportError as err:
-        p = sub.add_parser(name, help=f"{help_text} (unavailable: {err})")
-        p.set_defaults(handler=_unavailable(name, err))
+    except ImportError as err:  # e.g. coolfusion.extras.MissingExtra, naming the extra to install
+        p = sub.add_parser(name, help=f"{help_text} (unavailable: {err})", add_help=False)
+        p.set_defaults(handler=_unavailable(name, err), any_arguments=True)  # say why, whatever was asked
         return
     p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip().splitlines()[0])
     mod.add_arguments(p)
@@ -258,7 +255,10 @@ def _unavailable(name: str, err: Exception) -> Callable[[argparse.Namespace], in
 
 def main(argv: Sequence[str] | None = None, prog: str = "coolfusion") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog, argv).parse_args(argv)
+    parser = build_parser(prog, argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and not getattr(args, "any_arguments", False):
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     result = args.handler(args)
     return int(result or 0)
 

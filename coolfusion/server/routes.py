@@ -135,7 +135,7 @@ class _SegmentStream(EventSourceResponse):
             stream_events(state, job),
             sep="\n",
             shutdown_event=shutdown,
-            shutdown_grace_period=state.shutdown_grace_s + 2,
+            shutdown_grace_period=state.settings.shutdown_grace_s + 2,
             data_sender_callable=on_server_exit,
         )
         self._job = job

@@ -29,9 +29,8 @@ log = logging.getLogger("coolfusion.server")
 
 
 class AppState:
-    def __init__(self, settings: ServerConfig, engine: EngineClient | None = None, *, shutdown_grace_s: float = 10.0):
+    def __init__(self, settings: ServerConfig, engine: EngineClient | None = None):
         self.settings = settings
-        self.shutdown_grace_s = shutdown_grace_s
         self.metrics = Metrics()
         self.admission = Admission(settings.max_concurrent, settings.max_queue, self.metrics.on_admission)
         self.created = int(time.time())
@@ -109,12 +108,12 @@ class AppState:
             self.shutting_down = True
             self._drain_task = asyncio.get_running_loop().create_task(self.drain())
 
-    async def drain(self, grace_s: float | None = None) -> None:
-        """Graceful shutdown: refuse new requests, wait up to the grace period, cancel the rest."""
-        grace_s = self.shutdown_grace_s if grace_s is None else grace_s
+    async def drain(self) -> None:
+        """Graceful shutdown: refuse new requests, wait up to the grace period
+        (`server.shutdown_grace_s`), cancel the rest."""
         self.shutting_down = True
         self.admission.close()
-        deadline = time.monotonic() + grace_s
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
         while self._generations and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._generations:

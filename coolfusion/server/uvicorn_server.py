@@ -29,7 +29,7 @@ class GracefulServer(uvicorn.Server):
 
 
 def make_server(app: FastAPI, host: str, port: int, *, log_level: str = "info") -> GracefulServer:
-    grace = app_state(app).shutdown_grace_s
+    grace = app_state(app).settings.shutdown_grace_s
     config = uvicorn.Config(
         app,
         host=host,

@@ -12,10 +12,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 400
-# Pages that another part of issue 21 writes: a link to one may dangle only while it is
-# absent (once it exists, its anchors are checked like any page's). Delete the entry when
-# the page lands.
-PENDING = {ROOT / "docs" / "configuration.md"}
 
 FENCE = re.compile(r"^(```|~~~)")
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
@@ -87,8 +83,7 @@ def test_every_relative_link_resolves_to_a_file_and_a_heading(page):
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
         if not dest.exists():
-            if dest not in PENDING:
-                broken.append(f"{target}: no file {dest.relative_to(ROOT)}")
+            broken.append(f"{target}: no file {dest.relative_to(ROOT)}")
             continue
         if anchor and dest.suffix == ".md" and anchor not in anchors(dest):
             broken.append(f"{target}: no heading #{anchor} in {dest.relative_to(ROOT)}")
