@@ -47,15 +47,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # `python coolfusion/bench/load_test.py` from a bare checkout
-    sys.path.insert(0, ROOT)
-
-from coolfusion.bench.load_clients import (  # noqa: E402
+from coolfusion.bench.load_clients import (
     PROMPTS, ClientSpec, Outcome, PeakSampler, plan_clients, rss_bytes, scrape, send, wait_idle,
 )
-from coolfusion.config import ServerConfig  # noqa: E402
-from coolfusion.extras import require  # noqa: E402
+from coolfusion.config import ServerConfig
+from coolfusion.extras import require
 
 httpx = require("httpx", "bench")
 SERVER = ServerConfig()  # the server's defaults: an in-process server starts from them
@@ -299,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-url", help="target a running server on loopback instead of starting one in-process")
     p.add_argument("--server-pid", type=int, help="with --base-url: the server's pid, to measure its RSS")
-    p.add_argument("--config", default=os.path.join(ROOT, "config.yaml"), help="in-process: the config (default: %(default)s)")
+    p.add_argument("--config", default="config.yaml", help="in-process: the config (default: %(default)s)")
     p.add_argument("--clients", type=int, default=32, help="concurrent clients (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every request (default: %(default)s)")
     p.add_argument("--prompts", type=int, default=len(PROMPTS), help=f"distinct prompts, 1-{len(PROMPTS)} (default: %(default)s)")
