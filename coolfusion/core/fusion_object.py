@@ -29,9 +29,9 @@ class FusionOptions:
     __pydantic_config__ = {"extra": "forbid"}  # read by the server's request models: no other key
     trace: bool = False  # every step's candidates and perplexities in the response
     judge: bool = False  # every source model scores the whole answer (`fusion_judge`)
-    select: str | None = None  # mean_ppl | geo_mean_ppl | max_ppl | min_ppl | weighted
+    select: str | None = None  # one of selection.RULES (checked by selection.check)
     weights: Mapping[str, float] | str | None = None  # {model: w} or "auto"; with select: weighted
-    end_scoring: str | None = None  # end_token | text
+    end_scoring: str | None = None  # one of selection.END_SCORING
     score_end: Mapping[str, bool] | None = None  # {model: false}: its end predictions do not count
 
     def selection(self) -> SelectionRequest:
