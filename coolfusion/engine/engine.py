@@ -130,8 +130,17 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        """False while a worker is unavailable (a Ray actor being restarted): /health 503."""
-        return all(w.healthy for w in self.workers)
+        """False while a worker is unavailable (a Ray actor being restarted, a lost Ray
+        cluster): /health 503 with `unavailable` as the reason."""
+        return self.unavailable is None
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why the first unavailable worker is so (a worker may say: `unavailable_reason`); None when ready."""
+        for w in self.workers:
+            if not w.healthy:
+                return getattr(w, "unavailable_reason", None) or f"source model {w.name!r} is unavailable"
+        return None
 
     def close(self) -> None:
         """Release the thread pool and every worker's resources (Ray actors)."""

@@ -62,7 +62,8 @@ class AppState:
         if self.engine is None:
             return 503, health_body("loading")
         if not _engine_healthy(self.engine):
-            return 503, health_body("error", "the engine reports itself unhealthy")
+            why = getattr(self.engine, "unavailable", None)  # the engine's reason, where it gives one
+            return 503, health_body("error", why if isinstance(why, str) else "the engine reports itself unhealthy")
         return 200, health_body("ok")
 
     def require_engine(self) -> Any:
