@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from coolfusion.core.types import COOL, GenerationRequest
+from coolfusion.server.testing import sse_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,9 +132,19 @@ def test_a_self_started_ray_instance_outlives_the_loader_and_serves_the_local_ba
 def test_a_killed_ray_head_gives_503_with_the_reason_and_a_logged_error_not_an_exit(ray_server):
     heads = ray_server.head_processes()
     assert set(heads) == {"gcs_server", "raylet"}
-    for pid in heads.values():
-        os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
+    events = []
+    with httpx.stream("POST", ray_server.url + "/v1/completions", timeout=60,
+                      json={"model": COOL, "prompt": "Tell me a long story about a dragon:", "max_tokens": 400,
+                            "stream": True}) as stream:
+        for data in sse_data(stream.iter_lines()):  # a request in flight when the head dies
+            events.append(data)
+            if len(events) == 1:
+                for pid in heads.values():
+                    os.kill(pid, signal.SIGKILL)
+                killed = time.monotonic()
+    assert time.monotonic() - killed < 30  # the stream ended, it did not hang
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "engine_not_ready"
     while time.monotonic() < killed + 30:  # the watch notices within seconds
         health = httpx.get(ray_server.url + "/health", timeout=10)
         if health.status_code == 503:
