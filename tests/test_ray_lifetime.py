@@ -3,9 +3,10 @@ subprocess): the Ray instance it starts itself lives as long as the server (issu
 with the loader thread, and Ray ended the server 60 s later), and when its head is killed the
 server stays up, answering 503 `engine_not_ready` with the reason (coolfusion/workers/ray_cluster.py).
 
-One server serves both tests (the kill test last). They take about four minutes: the server's
-start, the 90 s the first test waits after /health first answers 200, and the 70 s the second
-waits after the kill (past the 60 s after which Ray's driver would end the process).
+One server serves both tests (the kill test last). They take five to six minutes on a busy
+2-core machine (docs/ray.md): the server's start, the 90 s the first test waits after /health
+first answers 200, and the 70 s the second waits after the kill (past the 60 s after which
+Ray's driver would end the process). Marked slow (`-m "not slow"` leaves them out).
 """
 
 from __future__ import annotations
