@@ -154,7 +154,7 @@ class FakeEngine:
         self.started = 0  # generations that began
         self.outcomes: list[str] = []  # per generation: finished | cancelled | closed | error
         self.segments_produced = 0
-        self.ready = True  # False: the engine reports a source model unavailable (/health 503)
+        self.unavailable: str | None = None  # a reason: the engine cannot serve now (/health 503)
 
     # ---- the Engine interface -------------------------------------------------------------
 

@@ -180,5 +180,5 @@ def test_killing_an_actor_mid_request_fails_it_with_503_and_the_next_request_suc
     req = REQUESTS[0]
     after = list(ray_engine.generate(req))  # waits for the restarted actor to load
     assert comparable(after) == comparable(engine.generate(req))
-    assert all(w.healthy for w in ray_engine.workers)
+    assert all(w.unavailable is None for w in ray_engine.workers)
     assert all(w.open_requests() == 0 for w in ray_engine.workers)

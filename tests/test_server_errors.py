@@ -262,8 +262,19 @@ def test_failed_engine_load_keeps_health_503_with_the_reason():
 
 def test_an_engine_reporting_not_ready_makes_health_503():
     engine = FakeEngine()
-    engine.ready = False
+    engine.unavailable = "source model 'alpha' is restarting"
     with serve_in_thread(create_app(engine, ServerConfig())) as url:
         assert httpx.get(url + "/health").status_code == 503
-        engine.ready = True
+        engine.unavailable = None
         assert httpx.get(url + "/health").status_code == 200
+
+
+def test_an_engine_saying_why_it_is_unavailable_gives_that_reason_in_health_and_the_503s():
+    """A lost Ray cluster (coolfusion/workers/ray_cluster.py) reaches clients this way."""
+    engine = FakeEngine()
+    engine.unavailable = "the Ray cluster is lost: Ray's gcs_server (pid 7), started by this server, was killed by SIGKILL"
+    with serve_in_thread(create_app(engine, ServerConfig())) as url:
+        r = httpx.get(url + "/health")
+        assert r.status_code == 503 and r.json() == {"status": "error", "error": engine.unavailable}
+        err = assert_error(httpx.post(url + "/v1/completions", json={"prompt": "x"}), 503, code="engine_not_ready")
+        assert engine.unavailable in err["message"]

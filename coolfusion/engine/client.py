@@ -36,7 +36,7 @@ class EngineClient(Protocol):
     def active_requests(self) -> int: ...  # generations running now
 
     @property
-    def ready(self) -> bool: ...  # False while a source model is unavailable (/health 503)
+    def unavailable(self) -> str | None: ...  # why it cannot serve now (/health and 503s say it); None: ready
 
     def model_ids(self) -> list[str]: ...  # the fused variants, then every source model
 

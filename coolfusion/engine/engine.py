@@ -133,8 +133,14 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        """False while a worker is unavailable (a Ray actor being restarted): /health 503."""
-        return all(w.healthy for w in self.workers)
+        """False while a worker is unavailable (a Ray actor being restarted, a lost Ray
+        cluster): /health 503 with `unavailable` as the reason."""
+        return self.unavailable is None
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why the first unavailable worker is so; None when every worker can serve."""
+        return next((w.unavailable for w in self.workers if w.unavailable is not None), None)
 
     def close(self) -> None:
         """Release the thread pool and every worker's resources (Ray actors)."""

@@ -62,8 +62,8 @@ class AppState:
             return 503, health_body("error", self.load_error)
         if self.engine is None:
             return 503, health_body("loading")
-        if not self.engine.ready:
-            return 503, health_body("error", "the engine reports itself unhealthy")
+        if self.engine.unavailable is not None:
+            return 503, health_body("error", self.engine.unavailable)
         return 200, health_body("ok")
 
     def require_engine(self) -> EngineClient:

@@ -107,8 +107,8 @@ class LocalWorker:
         return self.options.fast
 
     @property
-    def healthy(self) -> bool:
-        return True
+    def unavailable(self) -> str | None:
+        return None  # the model lives in this process
 
     @property
     def forward_tokens(self) -> int:

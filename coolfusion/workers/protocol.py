@@ -7,7 +7,7 @@ A worker serves one source model to many requests. Per request it holds an opaqu
     score(state, candidates) -> PPLs        commit(state, text, eos)        close(state)
 
 plus what the loop and the engine read: `seq_len(state)` (tokens the model holds for the
-request, lookahead included: the context check), `healthy`, and `shutdown()`; and, outside any
+request, lookahead included: the context check), `unavailable` (why it cannot serve now, or None), and `shutdown()`; and, outside any
 request state, `sequence_logprobs(ids, top)`: the exact per-token log-probs of a token
 sequence from a full forward without cache (`logprobs` / `echo`), and `kv_report()` (its KV
 slots, for /metrics). The benchmark's and tests' probes are a protocol of their own
@@ -71,7 +71,7 @@ class Worker(Protocol):
     context_limit: int | None
 
     @property
-    def healthy(self) -> bool: ...  # False while the model is unavailable (a Ray actor restarting)
+    def unavailable(self) -> str | None: ...  # why the model cannot serve now (a Ray actor restarting); None: it can
 
     def open(self, prompt_ids: list[int], sampling: Sampling = Sampling()) -> Any: ...
 

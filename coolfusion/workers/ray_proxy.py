@@ -12,7 +12,9 @@ actors compute concurrently.
 Failures: an actor that dies fails the calls in flight, and later calls of the requests it
 held, with `NotReady` (HTTP 503). Ray restarts it (`ray.max_restarts`), or, when Ray will
 not (restarts used up, killed for good), the proxy starts a new one; a new request waits
-for the replacement to load and then runs normally.
+for the replacement to load and then runs normally. A lost cluster (its head gone: see
+`coolfusion.workers.ray_cluster`, which also owns `ray.init`) fails every call with
+`NotReady` naming the cause, and no actor is replaced.
 
     engine = Engine.from_config(ray_config(load_config("config.yaml"), address="auto"))
 
@@ -36,6 +38,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
 from coolfusion.config import Config, ModelConfig, RayConfig
 from coolfusion.core.errors import ConfigError, NotReady
+from coolfusion.workers.ray_cluster import RayCluster, connect
 from coolfusion.workers.ray_actor import PROBE, ActorInfo, Reply, StateLost, start_actor
 from coolfusion.workers.tokenizer_side import TokenizerSide
 from coolfusion.workers.protocol import Proposal, Sampling, WorkerOptions
@@ -56,8 +59,10 @@ class RemoteState:
 class RayWorker:
     """A source model in a Ray actor, behind the `Worker` contract (see the module docstring)."""
 
-    def __init__(self, m: ModelConfig, rc: RayConfig, options: WorkerOptions, options_ref, fusion, actor, tokenizer):
+    def __init__(self, m: ModelConfig, rc: RayConfig, options: WorkerOptions, options_ref, fusion, actor, tokenizer,
+                 cluster: RayCluster):
         self.name = m.name
+        self.cluster = cluster
         self.config, self.ray_config, self.options, self.fusion = m, rc, options, fusion
         self._options_ref = options_ref  # kept alive here: a restarted actor fetches it again
         self._actor = actor
@@ -94,13 +99,17 @@ class RayWorker:
     def _call(self, method: str, *args, st: RemoteState | None = None):
         if st is not None and st.lost:
             raise NotReady(st.lost)
+        if self.cluster.lost:
+            raise NotReady(self.cluster.lost)
         actor = self._actor
         if actor is None:
             raise NotReady(f"source model {self.name!r} was shut down")
         t0 = time.perf_counter()
         try:
-            out = ray.get(getattr(actor, method).remote(*args))
+            out = self.cluster.get(getattr(actor, method).remote(*args))
         except RayActorError as err:
+            if self.cluster.lost:  # the actor went with the cluster: nothing to restart
+                raise NotReady(self.cluster.lost) from None
             self._failed(actor)
             msg = (f"source model {self.name!r} is unavailable: its Ray actor died during {method} "
                    f"({_summary(err)}); it is being restarted, retry the request")
@@ -155,6 +164,9 @@ class RayWorker:
         deadline = time.monotonic() + self.ray_config.start_timeout_s
         try:
             while True:
+                if self.cluster.lost:
+                    log.warning("not restarting the Ray actor of %s: %s", self.name, self.cluster.lost)
+                    return
                 try:
                     ray.get(actor.ping.remote(), timeout=max(1.0, deadline - time.monotonic()))
                     log.warning("Ray actor of %s was restarted by Ray", self.name)
@@ -194,9 +206,13 @@ class RayWorker:
         return True
 
     @property
-    def healthy(self) -> bool:
-        """False while the actor is being restarted or replaced."""
-        return self._recovery is None
+    def unavailable(self) -> str | None:
+        """Why this model cannot serve now (None when it can): /health reports it."""
+        if self.cluster.lost:
+            return self.cluster.lost
+        if self._recovery is not None:
+            return f"source model {self.name!r} is restarting (its Ray actor is loading)"
+        return None
 
     @property
     def actor(self):
@@ -295,29 +311,15 @@ def _summary(err: BaseException) -> str:
 # ---- building the workers -------------------------------------------------------------------
 
 
-def connect(rc: RayConfig) -> None:
-    """Join (or start) the Ray cluster named by `ray.address`, unless this process already has."""
-    if ray.is_initialized():
-        log.info("using this process's Ray connection (ray.address is not used)")
-        return
-    kwargs: dict[str, Any] = {"address": rc.address}
-    if rc.runtime_env is not None:
-        kwargs["runtime_env"] = dict(rc.runtime_env)
-    try:
-        ray.init(**kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ConfigError(f"ray.address: cannot connect to a Ray cluster at {rc.address!r}: {err}") from None
-
-
 def ray_workers(cfg: Config, options: WorkerOptions, tokenizers: Sequence[Any]) -> list[RayWorker]:
     """One actor per configured model, all loading at once, each built with `options`."""
-    connect(cfg.ray)
+    cluster = connect(cfg.ray)
     options_ref = ray.put(options)
     actors = [start_actor(m, options_ref, cfg.fusion, cfg.ray) for m in cfg.models]  # they load in parallel
     try:
         workers = []
         for m, actor, tok in zip(cfg.models, actors, tokenizers):
-            workers.append(RayWorker(m, cfg.ray, options, options_ref, cfg.fusion, actor, tok))
+            workers.append(RayWorker(m, cfg.ray, options, options_ref, cfg.fusion, actor, tok, cluster))
             log.info("model %s runs in a Ray actor on %s (%s)", m.name, workers[-1].node, workers[-1].device)
     except BaseException:
         for a in actors:

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from test_layout import _files, external
+from test_layout import RAY_MODULES, _files, external  # RAY_MODULES: the `ray` extra
 
 from coolfusion.config import load_config
 from coolfusion.extras import MissingExtra, install_command, require
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-RAY_MODULES = {"coolfusion.workers.ray_actor", "coolfusion.workers.ray_proxy"}  # the `ray` extra
 EXTRA_OF = {"coolfusion.evaluation": "eval", "coolfusion.bench": "bench"}
 IMPORT_NAME = {"pyyaml": "yaml"}  # distribution -> module, where the names differ
 # modules a declared dependency brings and the serving code imports by name

@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "coolfusion"
 HEAVY = {"torch", "transformers", "accelerate", "gguf", "safetensors"}
-RAY_MODULES = {"coolfusion.workers.ray_actor", "coolfusion.workers.ray_proxy"}
+RAY_MODULES = {"coolfusion.workers.ray_actor", "coolfusion.workers.ray_cluster", "coolfusion.workers.ray_proxy"}
 CLIENTS = ("coolfusion.server", "coolfusion.evaluation", "coolfusion.bench")
 
 
