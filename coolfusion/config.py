@@ -243,7 +243,7 @@ def parse_config(data: dict) -> Config:
         raise ConfigError(f"backend: 'ray' needs the Ray package, which is not installed "
                           f"({install_command('ray')})")
     for i, m in enumerate(cfg.models):
-        check_source(i, m, devices=cfg.backend == "local")  # Ray actors pick their devices on their nodes
+        check_source(i, m)
     return cfg
 
 
@@ -260,10 +260,9 @@ def load_config(path: str | Path) -> Config:
     return parse_config(data)
 
 
-def check_source(i: int, m: ModelConfig, *, devices: bool = True) -> None:
-    """Fail early (before any weights load) on a missing package, file or impossible device."""
-    import torch
-
+def check_source(i: int, m: ModelConfig) -> None:
+    """Fail early (before any weights load) on a missing package or file. (An impossible
+    device is the runtime's to check: coolfusion.runtime.loading.check_devices.)"""
     if m.package is not None:
         pkg_dir = package_dir(m.package, key=f"models.{i}.package")  # names the pip command if missing
         if m.gguf_file is not None:
@@ -275,9 +274,3 @@ def check_source(i: int, m: ModelConfig, *, devices: bool = True) -> None:
             raise ConfigError(f"models.{i}.gguf_file: {m.gguf_file!r} not found in {m.path}")
     elif m.path is not None and (m.path.startswith((".", "/", "~")) or m.path.count("/") > 1):
         raise ConfigError(f"models.{i}.path: local directory {m.path!r} does not exist")
-    if devices and m.device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"models.{i}.device: {m.device!r} requested but CUDA is not available")
-        idx = int(m.device[5:]) if ":" in m.device else 0
-        if idx >= torch.cuda.device_count():
-            raise ConfigError(f"models.{i}.device: {m.device!r} but only {torch.cuda.device_count()} CUDA devices")

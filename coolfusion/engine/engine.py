@@ -81,10 +81,11 @@ class Engine:
         """Load every configured model: in this process (`backend: local`) or one Ray actor
         each (`backend: ray`, imported only then). Tokenizers load first: every worker is
         built knowing every model's word rule."""
-        from coolfusion.runtime.loading import load, load_tokenizer, resolve_source
+        from coolfusion.runtime.loading import check_devices, load, load_tokenizer, resolve_source
         from coolfusion.workers.local import LocalWorker
         from coolfusion.workers.protocol import WorkerOptions
 
+        check_devices(cfg)
         tokenizers = [load_tokenizer(resolve_source(m)) for m in cfg.models]
         options = WorkerOptions.for_tokenizers(tokenizers, cfg.fusion.fast_paths)
         templates = {m.name: chat.resolve_template(m.chat_template, t) for m, t in zip(cfg.models, tokenizers)}

@@ -35,7 +35,7 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from coolfusion.config import ModelConfig
+from coolfusion.config import Config, ModelConfig
 from coolfusion.core.errors import ConfigError
 from coolfusion.runtime.packages import package_dir
 
@@ -84,6 +84,21 @@ def _file_id(path: Path) -> str:
     except OSError:
         return "missing"
     return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def check_devices(cfg: Config) -> None:
+    """Fail early (before any weights load) on a CUDA device this machine does not have
+    (`backend: local`; Ray actors pick their devices on their own nodes)."""
+    if cfg.backend != "local":
+        return
+    for i, m in enumerate(cfg.models):
+        if not m.device.startswith("cuda"):
+            continue
+        if not torch.cuda.is_available():
+            raise ConfigError(f"models.{i}.device: {m.device!r} requested but CUDA is not available")
+        idx = int(m.device[5:]) if ":" in m.device else 0
+        if idx >= torch.cuda.device_count():
+            raise ConfigError(f"models.{i}.device: {m.device!r} but only {torch.cuda.device_count()} CUDA devices")
 
 
 def resolve_device(device: str) -> torch.device:

@@ -128,6 +128,9 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
         settings = server_settings(cfg.server, args)
+        from coolfusion.runtime.loading import check_devices  # torch: only when serving
+
+        check_devices(cfg)  # now, not in the loader: a server that cannot load does not start
     except ConfigError as err:
         print(f"coolfusion serve: {err}", file=sys.stderr)
         return 2

@@ -20,11 +20,11 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import torch
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from coolfusion.runtime.loading import LoadedModel
+from coolfusion.runtime import sampling as sampling_ops
 from coolfusion.runtime.runner import Runner, make_runner
 from coolfusion.workers.tokenizer_side import TokenizerSide, end_tokens
 from coolfusion.core.words import REPLACEMENT, first_boundary
@@ -38,7 +38,7 @@ class _Block:
     slot: int
     tokens: list[int]  # anchor token (position start-1) followed by the candidate's new tokens
     start: int  # sequence position of tokens[1]
-    last_logits: torch.Tensor  # (V,) next-token logits after the block
+    last_logits: Any  # (V,) tensor: next-token logits after the block
 
 
 @dataclass
@@ -47,7 +47,7 @@ class State:
 
     prompt_ids: list[int]
     cache: object  # the runner's KV storage of this request (`runner.open_cache()`)
-    generator: torch.Generator | None
+    generator: Any  # the request's random stream (runtime.sampling), None when greedy
     temperature: float = 0.0
     top_p: float = 1.0
     g_text: str = ""  # G, the shared generated text
@@ -56,7 +56,7 @@ class State:
     ids: list[int] = field(default_factory=list)  # prompt + g_ids + lookahead
     la_logprobs: list[float] = field(default_factory=list)  # log p of the lookahead tokens
     kv_len: int = 0  # leading tokens of `ids` held in `cache`
-    logits: torch.Tensor | None = None  # (V,) next-token logits after ids[:kv_len]
+    logits: Any = None  # (V,) tensor: next-token logits after ids[:kv_len]
     proposal: Proposal | None = None
     blocks: dict = field(default_factory=dict)  # (text, eos) -> _Block, between score and commit
     closed: bool = False
@@ -146,10 +146,7 @@ class LocalWorker:
     # ---- Table 1 -------------------------------------------------------------------------
 
     def open(self, prompt_ids: list[int], sampling: Sampling = Sampling()) -> State:
-        gen = None
-        if sampling.temperature > 0:
-            gen = torch.Generator(device="cpu")
-            gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        gen = sampling_ops.generator(sampling.temperature, sampling.seed)
         return State(
             prompt_ids=list(prompt_ids), cache=self.runner.open_cache(), generator=gen,
             temperature=sampling.temperature, top_p=sampling.top_p, ids=list(prompt_ids),
@@ -163,18 +160,8 @@ class LocalWorker:
         st.logits = None
         st.blocks.clear()
 
-    def _sample(self, st: State, logits: torch.Tensor) -> tuple[int, float]:
-        logp = torch.log_softmax(logits, -1)  # (V,)
-        if st.temperature <= 0:
-            tok = int(torch.argmax(logits))
-        else:
-            probs = torch.softmax(logits / st.temperature, -1)
-            if st.top_p < 1.0:
-                sp, si = torch.sort(probs, descending=True)
-                keep = torch.cumsum(sp, -1) - sp < st.top_p
-                probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-            tok = int(torch.multinomial(probs.cpu(), 1, generator=st.generator))
-        return tok, float(logp[tok])
+    def _sample(self, st: State, logits) -> tuple[int, float]:
+        return sampling_ops.next_token(logits, st.temperature, st.top_p, st.generator)
 
     def propose(self, st: State, align: bool, max_tokens: int) -> Proposal:
         """Decode from the committed state until the text has a word boundary common to every
@@ -280,9 +267,7 @@ class LocalWorker:
         off = 0
         for i, blk, p in blocks:
             L = len(blk)
-            rows = torch.log_softmax(logits[off : off + L - 1], -1)  # (L-1, V)
-            tgt = torch.tensor(blk[1:], device=rows.device)
-            nlls[i] = (-rows.gather(1, tgt[:, None])[:, 0]).tolist()
+            nlls[i] = sampling_ops.token_nlls(logits[off : off + L - 1], blk[1:])  # rows before each new token
             text, eos = candidates[i]
             st.blocks[(text, eos)] = _Block(kv + off, blk, p, logits[off + L - 1].clone())
             off += L
@@ -330,7 +315,7 @@ class LocalWorker:
             self.runner.crop(st.cache, 0)
             st.kv_len, st.logits = 0, None
 
-    def fresh_logits(self, st: State) -> torch.Tensor:
+    def fresh_logits(self, st: State):
         """Next-token logits from a fresh prefill of `ids` without any cache (for tests)."""
         return self.runner.fresh_logits(st.ids)
 
@@ -341,7 +326,7 @@ class LocalWorker:
     def _retokenize(self, st: State, text: str) -> tuple[int, list[int], list[int]]:
         return self.text.retokenize_tail(st.g_text, st.g_ids, st.g_starts, text, fast=self.fast)
 
-    def cached_logits(self, st: State) -> torch.Tensor:
+    def cached_logits(self, st: State):
         self._sync(st)
         return st.logits
 

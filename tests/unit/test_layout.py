@@ -1,7 +1,8 @@
 """The package layout's rules (docs/architecture.md, section 2), read from the source with
 `ast` (fast tier): one import root, no import cycle among the project's modules, `core`
-reaches no torch (directly or through the project modules it imports), nothing below the
-HTTP layer imports it, and only the Ray modules import ray."""
+reaches no torch (directly or through the project modules it imports), only the model
+runtime (and the Ray modules) imports torch or transformers, nothing below the HTTP layer
+imports it, and only the Ray modules import ray."""
 
 from __future__ import annotations
 
@@ -113,6 +114,18 @@ def test_nothing_below_the_http_layer_imports_it():
     for mod, deps in graph.items():
         if not mod.startswith(CLIENTS):
             assert not any(d.startswith(CLIENTS) for d in deps), mod
+
+
+# the model runtime, the Ray modules (an actor holds its model), and the benchmark, which times
+# transformers' own generate() beside the engine
+TORCH_MODULES = ("coolfusion.runtime", *RAY_MODULES, "coolfusion.bench.speed")
+
+
+def test_only_the_runtime_imports_torch_or_transformers():
+    graph = import_graph()
+    importers = {m for m in graph if external(m) & HEAVY}
+    assert importers and all(m.startswith(TORCH_MODULES) for m in importers), sorted(
+        m for m in importers if not m.startswith(TORCH_MODULES))
 
 
 def test_only_the_ray_modules_import_ray():
