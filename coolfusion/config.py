@@ -81,6 +81,13 @@ class FusionConfig(BaseModel):
     # README "Selection rules", ending a turn
     end_scoring: Literal["end_token", "text"] = "text"
     score_end: dict[str, bool] = {}  # per model: false = its end predictions do not count
+    # Speculative proposals (docs/speculative.md); overridable per request in `fusion`
+    speculative: bool = Field(default=False, description=(
+        "greedy requests of the fused ids: one model drafts its proposal and the others check the "
+        "draft in one forward each instead of decoding their own; the text is the same"))
+    drafter: str = Field(default="fastest", description=(
+        "who drafts with `speculative`: fastest (cheapest measured forward), winner (the last step's "
+        "winner), or a model's name"))
 
 
 class ServerConfig(BaseModel):
@@ -154,6 +161,9 @@ class Config(BaseModel):
             if isinstance(self.fusion.weights, dict):
                 selection.check_weights(self.fusion.weights, names, "fusion.weights")
             selection.check_names(self.fusion.score_end, names, "fusion.score_end")
+            if self.fusion.drafter not in ("fastest", "winner") and self.fusion.drafter not in names:
+                raise InvalidRequest(f"fusion.drafter: must be fastest, winner or a model name "
+                                     f"({', '.join(names)}), not {self.fusion.drafter!r}")
         except InvalidRequest as err:
             raise ValueError(str(err)) from None
         if self.backend == "ray":

@@ -136,7 +136,7 @@ def test_benchmark_figures_follow_their_definitions(tiny_engine):
     really produced, and the result is JSON."""
     import json
 
-    from coolfusion.bench import speed as coolfusion.bench
+    from coolfusion.bench import speed as bench
 
     res = bench.measure(tiny_engine, bench.PROMPTS[:2], 8, growth_steps=2, growth_repeats=1)
     names = tiny_engine.source_names

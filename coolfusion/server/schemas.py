@@ -12,7 +12,7 @@ goes through that list. `logprobs` / `echo` (completions) and `logprobs` / `top_
 a list of such lists) in the reference tokenizer of the model id. Omitted sampling fields
 keep the engine's defaults (greedy). Our
 extension: `"fusion": {"trace": true, "judge": true, "select": ..., "weights": ...,
-"end_scoring": ..., "score_end": ...}`; other keys in `fusion` are accepted.
+"end_scoring": ..., "score_end": ..., "speculative": ...}`; other keys in `fusion` are accepted.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class FusionOptions(BaseModel):
     weights: dict[str, float] | Literal["auto"] | None = None  # with select: weighted
     end_scoring: str | None = None  # end_token | text
     score_end: dict[str, bool] | None = None  # {model: false}: its end predictions do not count
+    speculative: bool | None = None  # draft-and-check proposals (greedy); None: config fusion.speculative
 
     def selection(self) -> SelectionRequest:
         return SelectionRequest(self.select, self.weights, self.end_scoring, self.score_end)
@@ -147,6 +148,8 @@ class _Common(BaseModel):
                               "judge": bool(self.fusion and self.fusion.judge)}
         if self.fusion is not None:
             kw["selection"] = self.fusion.selection()
+            if self.fusion.speculative is not None:
+                kw["speculative"] = self.fusion.speculative
         for name in ("temperature", "top_p", "seed"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
