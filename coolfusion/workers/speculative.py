@@ -22,11 +22,21 @@ from dataclasses import dataclass, field
 import torch
 
 # Top-1 minus top-2 logit under which a checked argmax is not trusted. Measured on the embedded
-# pair (float32, CPU): a row of a 4..20-token forward differs from the one-token decode of the
-# same position by at most ~2e-4 in any logit (tests/test_speculative.py prints it); an argmax
-# can flip only if the lead is under twice that. 0.01 is 25x that bound and costs almost nothing:
+# pair (float32, CPU): a row of a 14-token forward differs from the one-token decode of the
+# same position by at most 1.2e-4 in any logit (tests/test_speculative.py prints it); an argmax
+# can flip only if the lead is under twice that. 0.01 is 40x that bound and costs almost nothing:
 # ties that close are rare in greedy text.
 MARGIN = 0.01
+# Half-precision models (bf16/fp16, GPUs) round hidden states to 8-11 mantissa bits, so rows of
+# forwards of different shapes differ far more; unmeasured yet (scripts/device_check.sh runs the
+# speculative bench there): a conservative guess, a tenth of a logit's ulp at ~30 in bf16 is 0.0125,
+# and differences of a few ulps are common.
+MARGIN_HALF = 0.5
+
+
+def margin_for(dtype) -> float:
+    """The trusted lead of a model computing in `dtype`."""
+    return MARGIN if dtype in (torch.float32, torch.float64) else MARGIN_HALF
 
 
 def accept(rows: torch.Tensor, fed: list[int], margin: float = MARGIN) -> tuple[int, bool]:
@@ -93,9 +103,10 @@ def check(worker, st, draft_ids: list[int], known: list[int], known_logprobs: li
     worker.runner.crop(st.cache, st.kv_len)
     logits = worker.runner.forward(st.cache, pending + fed)  # (len(pending) + len(fed), V)
     rows = logits[len(pending) - 1 :] if pending else torch.cat([st.logits[None], logits])  # (len(fed)+1, V)
-    n, trusted = accept(rows, fed)
+    margin = margin_for(getattr(worker.runner.model, "dtype", torch.float32))
+    n, trusted = accept(rows, fed, margin)
     if not pending:  # rows[0] is the logits the model holds already, not the check's: always trusted
-        n, trusted = _with_held_first_row(rows, fed, n, trusted)
+        n, trusted = _with_held_first_row(rows, fed, n, trusted, margin)
     ends = [i for i, t in enumerate(fed[:n]) if t in end_ids]
     if ends:  # an end token (the draft's text spelt one): the proposal loop decodes it and ends
         n, trusted = ends[0], True
@@ -110,11 +121,12 @@ def check(worker, st, draft_ids: list[int], known: list[int], known_logprobs: li
                    draft_logprobs=list(known_logprobs) + logp)
 
 
-def _with_held_first_row(rows: torch.Tensor, fed: list[int], n: int, trusted: bool) -> tuple[int, bool]:
+def _with_held_first_row(rows: torch.Tensor, fed: list[int], n: int, trusted: bool,
+                         margin: float) -> tuple[int, bool]:
     """`accept` when rows[0] is the held logits a plain decode would use: never distrusted."""
     if n > 0 or trusted:
         return n, trusted
     if int(rows[0].argmax()) != fed[0]:
         return 0, True
-    n, trusted = accept(rows[1:], fed[1:])
+    n, trusted = accept(rows[1:], fed[1:], margin)
     return n + 1, trusted
