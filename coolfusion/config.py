@@ -85,9 +85,9 @@ class FusionConfig(BaseModel):
     speculative: bool = Field(default=False, description=(
         "greedy requests of the fused ids: one model drafts its proposal and the others check the "
         "draft in one forward each instead of decoding their own; the text is the same"))
-    drafter: str = Field(default="fastest", description=(
-        "who drafts with `speculative`: fastest (cheapest measured forward), winner (the last step's "
-        "winner), or a model's name"))
+    drafter: str = Field(default="winner", description=(
+        "who drafts with `speculative`: winner (the last step's winner; the fastest on the first step), "
+        "fastest (cheapest measured forward), or a model's name; winner by measurement, docs/speculative.md"))
 
 
 class ServerConfig(BaseModel):

@@ -7,8 +7,9 @@ and every other model checks the draft's text in one forward (`Worker.check_draf
 coolfusion.workers.speculative) and cuts its own proposal from what it accepted. Every
 proposal, hence every selected segment, is the one the plain propose phase gives.
 
-Who drafts (config `fusion.drafter`): `fastest`, the model whose forward was measured
-cheapest; `winner`, the last step's winner (the fastest on the first step); or a model's name.
+Who drafts (config `fusion.drafter`): `winner` (the default), the last step's winner (the
+fastest on the first step); `fastest`, the model whose forward was measured cheapest; or a
+model's name.
 """
 
 from __future__ import annotations
