@@ -90,22 +90,22 @@ def test_a_draft_ending_mid_word_gives_the_plain_proposal(tiny_llama):
 
 
 def test_an_end_of_turn_draft_ends_the_turn_exactly_where_greedy_decoding_does(tiny_llama):
-    """The model is made to end its turn after 2 tokens (its end token's head row copies, a bit
-    larger, the row of the token it writes there): a draft of its text that stops there ends
-    its proposal with the end token, decoded from the check's own last row."""
+    """The model is made to end its turn after its first token (its end token's head row
+    copies, a bit larger, the row of the token it writes second): a check of a draft of that
+    first token ends the proposal with the end token, read from the check's own last row."""
     w = tiny_llama
-    own = _greedy(w, 3)
+    own = _greedy(w, 2)
     head = w.runner.model.get_output_embeddings().weight
     end = w.text.primary_end
     saved = head[end].clone()
     with torch.no_grad():
-        head[end] = head[own[2]] * 1.5
+        head[end] = head[own[1]] * 1.5
     try:
-        assert _greedy(w, 3)[2] == end
-        plain, checked, st = _plain_and_checked(w, draft=w.text.decode(own[:2]))
+        assert _greedy(w, 2) == [own[0], end]
+        plain, checked, st = _plain_and_checked(w, draft=w.text.decode(own[:1]))
         _same(plain, checked)
-        if plain.eos:  # the cut came after the end: both end the turn with the same token
-            assert checked.eos and checked.end_id == plain.end_id == end
+        assert plain.eos and checked.eos and checked.end_id == plain.end_id == end
+        assert checked.accepted == 1
         w.close(st)
     finally:
         with torch.no_grad():

@@ -15,7 +15,7 @@ model's name.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from coolfusion.workers.protocol import Proposal
@@ -31,7 +31,6 @@ class Drafting:
     rule: str  # "fastest" | "winner" | a model name
     fastest_first: tuple[str, ...]
     last_winner: str | None = None
-    drafts: dict[str, int] = field(default_factory=dict)  # model -> steps it drafted
 
     def drafter(self, names: Sequence[str]) -> int:
         """Index in `names` (the run's models, config order) of this step's drafter."""
@@ -63,7 +62,6 @@ def propose_with_draft(run, drafting: Drafting) -> tuple[list[Proposal], dict]:
     checks = run.each(lambda w, s: w.check_draft(s, text, run.align, run.max_segment_tokens), skip=d)
     run.stats.add("propose", time.perf_counter() - t)
     proposals = checks[:d] + [draft] + checks[d:]
-    drafting.drafts[names[d]] = drafting.drafts.get(names[d], 0) + 1
     record = {"drafter": names[d],
               "checked": {n: p.checked for i, (n, p) in enumerate(zip(names, proposals)) if i != d},
               "accepted": {n: p.accepted for i, (n, p) in enumerate(zip(names, proposals)) if i != d}}
