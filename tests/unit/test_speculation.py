@@ -68,3 +68,22 @@ def test_config_names_a_bad_drafter():
     with pytest.raises(ConfigError, match="fusion.drafter"):
         parse_config({"models": models, "fusion": {"drafter": "z"}})
     assert FusionConfig().speculative is False
+
+
+def test_the_trace_and_metrics_show_the_drafter_and_accepted_tokens():
+    from coolfusion.server.metrics import Metrics
+    from coolfusion.server.response_bodies import trace_step
+
+    eng = _engine(" same words here and there", " same words here and there", speculative=True, drafter="m0")
+    steps = _steps(eng)
+    wire = trace_step(steps[0]).model_dump(exclude_unset=True)
+    assert wire["speculation"] == {"drafter": "m0", "checked": steps[0].speculation["checked"],
+                                   "accepted": steps[0].speculation["accepted"]}
+    assert "speculation" not in trace_step(_steps(eng, speculative=False)[0]).model_dump(exclude_unset=True)
+    m = Metrics()
+    for s in steps:
+        m.on_step("cool-fusion", s, 0.1)
+    text = m.render().decode()
+    accepted = sum(s.speculation["accepted"]["m1"] for s in steps)
+    assert f'coolfusion_speculative_accepted_tokens_total{{model="m1"}} {float(accepted)}' in text
+    assert f'coolfusion_speculative_drafts_total{{model="m0"}} {float(len(steps))}' in text
