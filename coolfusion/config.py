@@ -97,6 +97,13 @@ class FusionConfig(BaseModel):
         selection.DEFAULT_END_SCORING, description="how a candidate that ends the turn is scored: on its text "
         "(the paper's reading) or with each model's end token appended")
     score_end: dict[str, bool] = Field({}, description="per model: false = its end predictions do not count")
+    # Speculative proposals (docs/speculative.md); overridable per request in `fusion`
+    speculative: bool = Field(default=False, description=(
+        "greedy requests of the fused ids: one model drafts its proposal and the others check the "
+        "draft in one forward each instead of decoding their own; the text is the same"))
+    drafter: str = Field(default="winner", description=(
+        "who drafts with `speculative`: winner (the last step's winner; the fastest on the first step), "
+        "fastest (cheapest measured forward), or a model's name; winner by measurement, docs/speculative.md"))
 
 
 class ServerConfig(BaseModel):
@@ -212,6 +219,9 @@ class Config(BaseModel):
             if isinstance(self.fusion.weights, dict):
                 selection.check_weights(self.fusion.weights, names, "fusion.weights")
             selection.check_names(self.fusion.score_end, names, "fusion.score_end")
+            if self.fusion.drafter not in ("fastest", "winner") and self.fusion.drafter not in names:
+                raise InvalidRequest(f"fusion.drafter: must be fastest, winner or a model name "
+                                     f"({', '.join(names)}), not {self.fusion.drafter!r}")
         except InvalidRequest as err:
             raise ValueError(str(err)) from None
         if self.backend == "ray":

@@ -5,7 +5,7 @@
 #                                                downloads pydantic's wheels to .whl/ (both ignored)
 #   there:  bash scripts/device_check.sh run     with the device tool's carry: [".tok", ".whl"]
 # `run` runs the CUDA mechanics tests on tiny random-weight models, then the paper-shape
-# benchmark (docs/benchmarks.md), and writes the logs and the JSON to $OUT (else runs/device).
+# benchmark (docs/benchmarks.md) and the speculative-proposals benchmark (docs/speculative.md), and writes the logs and the JSON to $OUT (else runs/device).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -29,10 +29,15 @@ PY
     export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 COOLFUSION_TEST_TOKENIZERS=.tok/smol,.tok/gemma
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
     python3 -m pytest -q -p no:cacheprovider tests/unit tests/test_tiny_random.py tests/test_words.py \
-      tests/test_batched_forward.py tests/test_runner.py -k "not real" 2>&1 | tee "$out/tests.log"
+      tests/test_batched_forward.py tests/test_runner.py tests/test_speculative_tiny.py -k "not real" 2>&1 | tee "$out/tests.log"
     python3 -m coolfusion.bench.speed --shapes llama3-8b,phi3-mini,glm4-9b --tokenizers .tok/smol,.tok/gemma,.tok/smol \
-      --prompts 2 --max-tokens 48 --growth-steps 10 --growth-repeats 2 \
+      --prompts 2 --max-tokens 48 --growth-steps 10 --growth-repeats 2 --speculative skip \
       --json "$out/bench_paper_shapes.json" 2>&1 | tee "$out/bench.log"
+    # speculative proposals off/on (docs/speculative.md); random weights rarely agree, so this
+    # prices the check forwards on the GPU rather than the acceptance of trained models
+    python3 -m coolfusion.bench.speed --shapes llama3-8b,phi3-mini --tokenizers .tok/smol,.tok/gemma \
+      --prompts 2 --max-tokens 32 --speculative only \
+      --json "$out/bench_speculative.json" 2>&1 | tee "$out/bench_speculative.log"
     python3 -m coolfusion.bench.speed --shapes llama3-8b,phi3-mini,glm4-9b --tokenizers .tok/smol,.tok/gemma,.tok/smol \
       --concurrency 1,8 --max-tokens 32 --json "$out/bench_concurrency.json" 2>&1 | tee "$out/bench_concurrency.log"
     ;;

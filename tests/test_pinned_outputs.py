@@ -22,8 +22,8 @@ from coolfusion.core.types import GenerationRequest, Message
 PINNED = json.loads((Path(__file__).parent / "data" / "pinned_outputs.json").read_text())["outputs"]
 
 
-def _request(spec: dict) -> GenerationRequest:
-    kw = dict(spec)
+def _request(spec: dict, **extra) -> GenerationRequest:
+    kw = dict(spec, **extra)
     if "messages" in kw:
         kw["messages"] = tuple(Message(**m) for m in kw["messages"])
     if "stop" in kw:
@@ -35,10 +35,12 @@ def test_the_pinned_file_covers_every_pinned_request():
     assert [p["request"] for p in PINNED] == REQUESTS
 
 
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
 @pytest.mark.parametrize("i", range(len(REQUESTS)), ids=[f"{r['model']}-{i}" for i, r in enumerate(REQUESTS)])
-def test_greedy_output_is_byte_identical_to_the_pinned_one(engine, i):
+def test_greedy_output_is_byte_identical_to_the_pinned_one(engine, i, speculative):
+    """Also with speculative proposals (docs/speculative.md), which must not change a byte."""
     pinned = PINNED[i]
-    steps = list(engine.generate(_request(REQUESTS[i])))
+    steps = list(engine.generate(_request(REQUESTS[i], speculative=speculative)))
     assert "".join(s.text for s in steps).encode() == pinned["text"].encode()
     assert [s.winner for s in steps] == pinned["winners"]
     assert [len(s.candidates) for s in steps] == pinned["candidates_per_step"]

@@ -182,3 +182,16 @@ def test_killing_an_actor_mid_request_fails_it_with_503_and_the_next_request_suc
     assert comparable(after) == comparable(engine.generate(req))
     assert all(w.unavailable is None for w in ray_engine.workers)
     assert all(w.open_requests() == 0 for w in ray_engine.workers)
+
+
+@needs_ray
+def test_speculative_proposals_on_ray_give_the_local_plain_text(engine, ray_engine):
+    """The check of a draft crosses the actor seam (`check_draft`): the text is the plain one."""
+    from dataclasses import replace
+
+    req = REQUESTS[1]
+    local = list(engine.generate(replace(req, speculative=False, trace=True)))
+    remote = list(ray_engine.generate(replace(req, speculative=True, trace=True)))
+    assert "".join(s.text for s in remote).encode() == "".join(s.text for s in local).encode()
+    assert [s.winner for s in remote] == [s.winner for s in local]
+    assert sum(sum(s.speculation["accepted"].values()) for s in remote) > 0

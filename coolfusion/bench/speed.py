@@ -19,6 +19,10 @@ decoding T_v(fused text) at its own (a) tokens/s, sum_v n_v / t_v (`fused_vs_flo
 the paper's (Llama-3-8B, Phi-3-mini, GLM-4-9B) over the embedded tokenizers;
 `--random-weights` keeps the configured models' architectures and tokenizers but draws
 their weights at random (any device): the same models with and without training.
+
+Then (`--speculative also`, the default; `only` runs just this) speculative proposals off and
+on over the same models: forwards and busy seconds per segment, single-stream chars/s and the
+8-client aggregate (coolfusion/bench/speculative.py; `--json` writes `speculative: {off, on}`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from coolfusion.bench import speculative
 
 PROMPTS = [
     "The history of the city of Paris begins",
@@ -74,6 +80,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batching", choices=["both", "on", "off"], default="both",
                    help="with --concurrency: measure with fusion.batching on, off, or both over the same "
                         "loaded models (default: both)")
+    p.add_argument("--speculative", choices=["also", "only", "skip"], default="also",
+                   help="speculative proposals off and on over the same models (coolfusion/bench/speculative.py): "
+                        "after the other figures (also, the default), alone (only), or not at all (skip)")
     p.add_argument("--ray", action="store_true",
                    help="also run (c) with backend: ray on a local Ray cluster and print the Ray "
                         "overhead per step against local (needs pip install .[ray])")
@@ -302,12 +311,20 @@ def run(args) -> int:
         _write_json(args.json_path, res)
         return 0
     prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
+    if args.speculative == "only":
+        res = {"load_seconds": load_s, "speculative": speculative.measure(engine, prompts, args.max_tokens)}
+        speculative.print_table(res["speculative"])
+        _write_json(args.json_path, res)
+        return 0
     res = measure(engine, prompts, args.max_tokens, skip_hf=args.skip_hf, growth_steps=args.growth_steps,
                   growth_repeats=args.growth_repeats)
     res["load_seconds"] = load_s
     if args.ray and not (args.shapes or args.random_weights):
         res["ray"] = _ray_overhead(args, prompts, args.max_tokens, res["cool_fusion"])
     _print(res, engine.source_names)
+    if args.speculative == "also":
+        res["speculative"] = speculative.measure(engine, prompts, args.max_tokens)
+        speculative.print_table(res["speculative"])
     _write_json(args.json_path, res)
     return 0
 

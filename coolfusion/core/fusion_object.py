@@ -33,6 +33,7 @@ class FusionOptions:
     weights: Mapping[str, float] | str | None = None  # {model: w} or "auto"; with select: weighted
     end_scoring: str | None = None  # one of selection.END_SCORING
     score_end: Mapping[str, bool] | None = None  # {model: false}: its end predictions do not count
+    speculative: bool | None = None  # draft-and-check proposals (greedy fused ids); None: config fusion.speculative
 
     def selection(self) -> SelectionRequest:
         return SelectionRequest(self.select, self.weights, self.end_scoring, self.score_end)

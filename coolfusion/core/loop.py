@@ -17,6 +17,7 @@ from typing import Any, Literal, Sequence
 
 from coolfusion.core.errors import Cancelled
 from coolfusion.core.selection import Selection
+from coolfusion.core.speculation import Drafting, propose_with_draft
 from coolfusion.core.types import Candidate, Stats
 from coolfusion.workers.protocol import Proposal, Worker
 
@@ -29,6 +30,7 @@ class RawStep:
     candidates: tuple[Candidate, ...]
     end: Literal["eos", "context_full"] | None = None  # why the loop stops after this step
     end_id: int | None = None  # with eos: the end token its first proposer decoded
+    speculation: dict | None = None  # with a draft: drafter, tokens checked / accepted per model
 
 
 def map_on(pool: ThreadPoolExecutor | None, fn, items: Sequence) -> list:
@@ -54,12 +56,15 @@ class Run:
     selection: Selection = Selection()  # how the models' perplexities choose the winner
     align: bool = True  # False: Cool-align ablation, proposals end at their own word boundary
     fast: bool = True  # False: score even when every proposal agrees (the reference path)
+    drafting: Drafting | None = None  # speculative proposals (coolfusion.core.speculation); None: off
 
-    def each(self, fn):
-        """fn(worker, state) for every worker, in parallel when a pool is configured."""
+    def each(self, fn, skip: int | None = None):
+        """fn(worker, state) for every worker (but the `skip`th), in parallel when a pool is
+        configured."""
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("generation cancelled")
-        return map_on(self.pool, lambda pair: fn(*pair), list(zip(self.workers, self.states)))
+        pairs = [ws for i, ws in enumerate(zip(self.workers, self.states)) if i != skip]
+        return map_on(self.pool, lambda pair: fn(*pair), pairs)
 
     def context_full(self) -> bool:
         """True when one more proposal could overflow a participating model's context."""
@@ -82,6 +87,14 @@ def _timed(run: Run, phase: str, fn):
 
 def propose(run: Run) -> list[Proposal]:
     return _timed(run, "propose", lambda w, s: w.propose(s, run.align, run.max_segment_tokens))
+
+
+def propose_step(run: Run) -> tuple[list[Proposal], dict | None]:
+    """Every model's proposal: each decoding its own, or, with speculation, one drafting and
+    the others checking its draft (the same proposals); and the speculation record."""
+    if run.drafting is None or len(run.workers) < 2:
+        return propose(run), None
+    return propose_with_draft(run, run.drafting)
 
 
 def assess(run: Run, proposals: list[Proposal]) -> list[Candidate]:
@@ -140,7 +153,7 @@ def commit(run: Run, winner: Candidate) -> None:
 def segments(run: Run):
     """Yield RawSteps until one carries an `end` (the engine may stop earlier on budget/stop)."""
     while True:
-        proposals = propose(run)
+        proposals, speculation = propose_step(run)
         cands = assess(run, proposals)
         win = select(cands)
         run.stats.steps += 1
@@ -149,7 +162,9 @@ def segments(run: Run):
             commit(run, win)
         end = "eos" if win.eos else "context_full" if run.context_full() else None
         end_id = proposals[[w.name for w in run.workers].index(win.proposed_by[0])].end_id if win.eos else None
-        yield RawStep(win.text, win.proposed_by[0], win.eos, tuple(cands), end, end_id)
+        if run.drafting is not None:
+            run.drafting.last_winner = win.proposed_by[0]
+        yield RawStep(win.text, win.proposed_by[0], win.eos, tuple(cands), end, end_id, speculation)
         if end is not None:
             return
 

@@ -47,7 +47,8 @@ def finish(raw: Iterable[RawStep], req: GenerationRequest, ref: TokenizerSide, p
         n = len(ids) if emitted == counted else len(ref.encode(g[:emitted]))  # encode once per step
         eos = step.eos and finish == "stop"
         yield Step(text, step.winner, eos, step.candidates if req.trace else (),
-                   finish, min(n, req.max_tokens), prompt_tokens, end_id=step.end_id if eos else None)
+                   finish, min(n, req.max_tokens), prompt_tokens, end_id=step.end_id if eos else None,
+                   speculation=step.speculation)
         if finish is not None:
             return
 

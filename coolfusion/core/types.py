@@ -55,6 +55,7 @@ class GenerationRequest:
     selection: SelectionRequest = SelectionRequest()  # `fusion.select` etc.; unset: the config's
     logprobs: int | None = None
     echo: bool = False
+    speculative: bool | None = None  # greedy fused ids: draft-and-check proposals; None: the config's
 
 
 @dataclass(frozen=True)
@@ -123,3 +124,5 @@ class Step:
     end_id: int | None = None  # a single model's end token that ended the output (eos)
     logprobs: tuple[TokenLogprob, ...] = ()  # with `logprobs`: the tokens of `echo` + `text`
     echo: str = ""  # with `echo`, on the first step: the prompt's text
+    # with speculative proposals: {"drafter": model, "checked": {model: n}, "accepted": {model: n}}
+    speculation: dict | None = None

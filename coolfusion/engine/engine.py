@@ -15,6 +15,7 @@ fused variants. Checks live in `coolfusion.core.validation`, stop strings and `m
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Iterator, Sequence
@@ -24,6 +25,7 @@ from coolfusion.engine import likelihood
 from coolfusion.core import loop
 from coolfusion.core import output
 from coolfusion.core import selection
+from coolfusion.core import speculation
 from coolfusion.core import validation
 from coolfusion.config import Config, FusionConfig
 from coolfusion.core.errors import Cancelled, UnknownModel
@@ -73,6 +75,7 @@ class Engine:
         self._active = 0
         self._active_lock = threading.Lock()
         self.alternatives = likelihood.Alternatives()  # the fused ids' top alternatives, by prefix
+        self._fastest_first: tuple[str, ...] | None = None  # drafter order (coolfusion.core.speculation)
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -307,9 +310,37 @@ class Engine:
             states.append(w.open(ids[w.name], Sampling(req.temperature, req.top_p, seed)))
             ends.append(w.text.chat_end if req.messages is not None else w.text.primary_end)
         run = loop.Run(workers, states, ends, self._pool, cancel, self.fusion.max_segment_tokens, stats,
-                       score_mode=self.fusion.score, selection=sel, align=align, fast=self.fusion.fast_paths)
+                       score_mode=self.fusion.score, selection=sel, align=align, fast=self.fusion.fast_paths,
+                       drafting=self._drafting(req, workers))
         runs.append(run)
         return run
+
+    def _drafting(self, req: GenerationRequest, workers) -> speculation.Drafting | None:
+        """Speculative proposals for this request (coolfusion.core.speculation), or None: only
+        greedy, only with every fast path, and only where more than one model proposes."""
+        on = self.fusion.speculative if req.speculative is None else req.speculative
+        if not on or req.temperature > 0 or not self.fusion.fast_paths or len(workers) < 2:
+            return None
+        return speculation.Drafting(self.fusion.drafter, self.fastest_first())
+
+    def fastest_first(self) -> tuple[str, ...]:
+        """The source models by the measured time of a two-token forward (min of 5: a
+        decode's cost, with the head over the vocabulary), cheapest first; measured once, on
+        the first speculative request."""
+        if self._fastest_first is None:
+            ids = [1, 2]
+
+            def cost(w: Worker) -> float:
+                times = []
+                for _ in range(5):
+                    t = time.perf_counter()
+                    w.sequence_logprobs(ids)
+                    times.append(time.perf_counter() - t)
+                return min(times)
+
+            costs = [cost(w) for w in self.workers]  # one at a time: no contention between them
+            self._fastest_first = tuple(n for _, n in sorted(zip(costs, self.source_names)))
+        return self._fastest_first
 
     def _raw_steps(self, checked: Checked, cancel, stats, runs, sel) -> Iterator[loop.RawStep]:
         model = checked.request.model

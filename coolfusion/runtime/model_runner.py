@@ -16,6 +16,7 @@ It implements `coolfusion.runtime.runner.Runner`, as `coolfusion.runtime.batched
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -35,6 +36,8 @@ class ModelRunner:
         self._sliding = getattr(cfg, "sliding_window", None)
         self.cache_kw = cache_keyword(model)
         self.forward_tokens = 0  # tokens fed through the model (for the benchmark)
+        self.forwards = 0  # forwards run through `forward` (for the benchmark)
+        self.busy_s = 0.0  # wall seconds spent in them
 
     @property
     def generation_config(self):
@@ -80,7 +83,10 @@ class ModelRunner:
             kwargs["logits_to_keep"] = 1
         kwargs[self.cache_kw] = cache
         with self.lock, torch.inference_mode():
+            t0 = time.perf_counter()
             out = self.model(input_ids=inp, use_cache=True, **kwargs)
+            self.busy_s += time.perf_counter() - t0
+            self.forwards += 1
             self.forward_tokens += len(tokens)
         return out.logits[0].float()  # (T, V)
 

@@ -37,6 +37,12 @@ class Metrics:
         self.prompt_tokens = Counter(p + "prompt_tokens", "prompt tokens (reference tokenizer)", ["model"], registry=r)
         self.completion_tokens = Counter(p + "completion_tokens", "completion tokens (reference tokenizer)", ["model"], registry=r)
         self.wins = Counter(p + "segment_wins", "segments won, by source model", ["model", "winner"], registry=r)
+        # speculative proposals (docs/speculative.md), by source model
+        self.drafts = Counter(p + "speculative_drafts", "steps a source model drafted", ["model"], registry=r)
+        self.draft_tokens = Counter(p + "speculative_checked_tokens", "draft tokens a source model checked "
+                                    "(its own tokens of another model's draft)", ["model"], registry=r)
+        self.accepted_tokens = Counter(p + "speculative_accepted_tokens", "checked draft tokens a source model "
+                                       "accepted (its greedy decoding agreed)", ["model"], registry=r)
         self.step_seconds = Histogram(
             p + "step_latency_seconds", "time the engine took to produce one segment", ["model"],
             buckets=_LATENCY_BUCKETS, registry=r,
@@ -54,6 +60,12 @@ class Metrics:
         self.segments.labels(model).inc()
         self.wins.labels(model, step.winner).inc()
         self.step_seconds.labels(model).observe(seconds)
+        if step.speculation is not None:
+            self.drafts.labels(step.speculation["drafter"]).inc()
+            for source, n in step.speculation["checked"].items():
+                self.draft_tokens.labels(source).inc(n)
+            for source, n in step.speculation["accepted"].items():
+                self.accepted_tokens.labels(source).inc(n)
 
     def on_kv(self, report: dict[str, dict[str, int]]) -> None:
         """The engine's KV storage per model (`Engine.kv_report()`), read at each scrape."""

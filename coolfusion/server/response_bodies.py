@@ -10,7 +10,9 @@ In a stream every content chunk carries its step as `fusion_step`. A step is
 "mean_ppl", "score"}], "selection": {"rule", "weights"}}`: `ppl` holds the models that voted,
 `score` the selection rule's combination of them (the winner has the lowest), `selection`
 the rule (fused ids only; `weights` for `weighted`). A perplexity that is not finite is sent
-as null (`coolfusion.server.errors.dumps`).
+as null (`coolfusion.server.errors.dumps`). With speculative proposals (docs/speculative.md) a
+step also carries `"speculation": {"drafter", "checked": {model: n}, "accepted": {model: n}}`:
+who drafted, and per other model the draft tokens its check fed and accepted.
 
 Log-probs (request `logprobs`, and `echo` on completions) come from the engine's Steps
 (coolfusion.engine.likelihood): completions carry OpenAI's legacy shape `{"tokens", "token_logprobs",
@@ -72,12 +74,21 @@ class SelectionTrace(BaseModel):
     weights: dict[str, float] | None = None
 
 
+class Speculation(BaseModel):
+    """Who drafted a step's proposals and how much of the draft each other model accepted."""
+
+    drafter: str
+    checked: dict[str, int]  # per other model: its tokens of the draft fed to its check forward
+    accepted: dict[str, int]  # ... of them, its own greedy tokens up to the first disagreement
+
+
 class TraceStep(BaseModel):
     text: str
     winner: str
     eos: bool
     candidates: list[TraceCandidate]
     selection: SelectionTrace | None = None  # fused ids: the rule and weights of every decision
+    speculation: Speculation | None = None  # speculative proposals only
 
 
 class Judge(BaseModel):
@@ -251,6 +262,8 @@ def _wire(m: BaseModel) -> dict[str, Any]:
 
 def trace_step(step: Step) -> TraceStep:
     extra = {"selection": SelectionTrace(**step.selection)} if step.selection is not None else {}
+    if step.speculation is not None:
+        extra["speculation"] = Speculation(**step.speculation)
     return TraceStep(text=step.text, winner=step.winner, eos=step.eos, candidates=[
         TraceCandidate(text=c.text, proposed_by=list(c.proposed_by), eos=c.eos, ppl=dict(c.ppl), mean_ppl=c.mean_ppl,
                        score=c.score)

@@ -120,6 +120,8 @@ class _Common(BaseModel):
                               "judge": bool(self.fusion and self.fusion.judge)}
         if self.fusion is not None:
             kw["selection"] = self.fusion.selection()
+            if self.fusion.speculative is not None:
+                kw["speculative"] = self.fusion.speculative
         for name in ("temperature", "top_p", "seed"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 from typing import Any, Sequence
@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from coolfusion.runtime.loading import LoadedModel
 from coolfusion.runtime import sampling as sampling_ops
 from coolfusion.runtime.runner import Runner, make_runner
+from coolfusion.runtime import draft_check
 from coolfusion.workers.tokenizer_side import TokenizerSide, end_tokens
 from coolfusion.core.words import REPLACEMENT, first_boundary
 from coolfusion.workers.protocol import Proposal, Sampling, WorkerOptions
@@ -59,6 +60,7 @@ class State:
     logits: Any = None  # (V,) tensor: next-token logits after ids[:kv_len]
     proposal: Proposal | None = None
     blocks: dict = field(default_factory=dict)  # (text, eos) -> _Block, between score and commit
+    checked: object = None  # the last propose's check of a draft (coolfusion.runtime.draft_check.DraftCheck)
     closed: bool = False
 
     @property
@@ -167,8 +169,26 @@ class LocalWorker:
         """Decode from the committed state until the text has a word boundary common to every
         source model's tokenizer (`align`; else this model's own: the Cool-align ablation),
         the model ends its turn, or `max_tokens` tokens were decoded."""
+        return self._propose(st, align, max_tokens)
+
+    def check_draft(self, st: State, draft: str, align: bool, max_tokens: int) -> Proposal:
+        """The proposal `propose` gives, found by first checking another model's `draft`
+        (its proposal and lookahead text) in one forward (coolfusion.runtime.draft_check);
+        a sampled request (or the slow reference) just proposes."""
+        if st.temperature > 0 or not self.fast or not draft:
+            return self._propose(st, align, max_tokens)
+        return self._propose(st, align, max_tokens, draft)
+
+    def _draft_ids(self, st: State, draft: str) -> list[int]:
+        """This model's tokens of `draft` after its committed tokens: those of T(G + draft) when
+        they extend T(G), else the draft's own tokens (any tokens make a valid check)."""
+        target, p = self._candidate_ids(st, draft, False, self.text.primary_end)
+        return target[st.committed_len :] if p == st.committed_len else self.text.encode(draft)
+
+    def _propose(self, st: State, align: bool, max_tokens: int, draft: str | None = None) -> Proposal:
         splitters = self._splitters if align else (self.text.words,)
         base = st.committed_len
+        st.checked = None
         if not self.fast:  # no lookahead: decode again from the committed state
             del st.ids[base:]
             st.la_logprobs = []
@@ -181,9 +201,17 @@ class LocalWorker:
             t = self.text.decode(toks[: i + 1])
             ends.append(None if t.endswith(REPLACEMENT) else len(t))
         prop = self._cut(toks, logps, ends, splitters)
+        checked = None
+        if prop is None and draft is not None:  # the lookahead alone has no cut: check the draft
+            checked = draft_check.check(self, st, self._draft_ids(st, draft), list(toks), list(logps), max_tokens,
+                                        self.text.end_ids)
+            st.checked = checked
         while prop is None:
-            self._sync(st)
-            tok, lp = self._sample(st, st.logits)
+            if checked:  # the model's own greedy token, known from the check forward
+                tok, lp = checked.take(st)
+            else:
+                self._sync(st)
+                tok, lp = self._sample(st, st.logits)
             if tok in self.text.end_ids:
                 text = self.text.decode(toks)
                 whole = not text.endswith(REPLACEMENT)
@@ -203,8 +231,21 @@ class LocalWorker:
                     # complete one (not UTF-8), so cut anyway; decode() made them U+FFFD
                     prop = Proposal(self.text.decode(toks), False, len(toks), logps, True, _starts(ends))
         st.la_logprobs = logps
+        if not prop.eos:  # the whole decoded text is what a draft offers the other models
+            full = _complete(self.text.decode(st.ids[base:]))
+            prop = replace(prop, lookahead=full[len(prop.text):] if full.startswith(prop.text) else "")
+        if checked is not None:
+            prop = self._after_check(st, prop, checked)
         st.proposal = prop
         return prop
+
+    def _after_check(self, st: State, prop: Proposal, checked: draft_check.DraftCheck) -> Proposal:
+        """Drop the checked tokens the proposal did not reach (the cache holds `ids` and no
+        more) and report what the check accepted."""
+        self.runner.crop(st.cache, st.kv_len)
+        if st.logits is not None:
+            st.logits = st.logits.clone()  # not a view of the check's (T, V) logits
+        return replace(prop, checked=checked.fed, accepted=len(checked.tokens))
 
     def _cut(self, toks, logps, ends, splitters) -> Proposal | None:
         if not toks or ends[-1] is None:
@@ -243,6 +284,10 @@ class LocalWorker:
                     and p == base and target[base:] == st.ids[base : base + own.n_tokens]):
                 nlls.append([-x for x in own.logprobs])
                 continue
+            drafted = self._drafted_logprobs(st, target, p, eos)
+            if drafted is not None:  # the check forward of a draft already scored these tokens
+                nlls.append([-x for x in drafted])
+                continue
             nlls.append(None)
             todo.append((i, target, p))
         if todo:
@@ -255,6 +300,17 @@ class LocalWorker:
             s = sum(v)
             out.append(math.exp(s / len(v)) if mode == "mean_nll" else math.exp(min(s, 700.0)))
         return out
+
+    def _drafted_logprobs(self, st: State, target: list[int], p: int, eos: bool) -> list[float] | None:
+        """The log-probs of a candidate's new tokens from this step's check of a draft, when
+        they are a prefix of the model's tokens of the draft (else None: score it)."""
+        checked, base = st.checked, st.committed_len
+        new = target[base:]
+        if not self.fast or eos or checked is None or p != base or not new:
+            return None
+        if len(new) > len(checked.draft_logprobs) or checked.draft_ids[: len(new)] != new:
+            return None
+        return checked.draft_logprobs[: len(new)]
 
     def _score_blocks(self, st: State, todo, nlls, candidates) -> None:
         kv = st.kv_len
@@ -285,6 +341,7 @@ class LocalWorker:
             st.g_ids = st.g_ids + st.ids[base : base + n]
             st.g_text += text
             st.proposal = None
+            st.checked = None
             st.blocks.clear()
             if not self.fast:
                 self.runner.crop(st.cache, 0)
@@ -310,6 +367,7 @@ class LocalWorker:
         st.g_starts = st.g_starts[:keep] + tail_starts
         st.g_ids = new_g
         st.proposal = None
+        st.checked = None
         st.blocks.clear()
         if not self.fast:  # no KV reuse: the next call re-prefills everything
             self.runner.crop(st.cache, 0)

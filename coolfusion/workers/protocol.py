@@ -5,6 +5,7 @@ A worker serves one source model to many requests. Per request it holds an opaqu
 
     open(prompt_ids, sampling) -> state      propose(state, align, max_tokens) -> Proposal
     score(state, candidates) -> PPLs        commit(state, text, eos)        close(state)
+    check_draft(state, draft, align, max_tokens) -> Proposal   (speculative proposals, greedy)
 
 plus what the loop and the engine read: `seq_len(state)` (tokens the model holds for the
 request, lookahead included: the context check), `unavailable` (why it cannot serve now, or None), and `shutdown()`; and, outside any
@@ -61,6 +62,9 @@ class Proposal:
     capped: bool = False  # ended by max_segment_tokens, not at a boundary
     starts: list[int] = field(default_factory=list)  # char offset in `text` where each token starts
     end_id: int | None = None  # with eos: the end token the model decoded
+    lookahead: str = ""  # text decoded past `text` (complete characters): with `text`, a draft
+    checked: int = 0  # with `check_draft`: tokens of the draft this model fed in its check forward
+    accepted: int = 0  # ... of which its own greedy decoding agrees with, before the first disagreement
 
 
 @runtime_checkable
@@ -76,6 +80,10 @@ class Worker(Protocol):
     def open(self, prompt_ids: list[int], sampling: Sampling = Sampling()) -> Any: ...
 
     def propose(self, state: Any, align: bool, max_tokens: int) -> Proposal: ...
+
+    # greedy only: the proposal `propose` would give, found by checking `draft` (another model's
+    # proposal text + lookahead) in one forward first (coolfusion.runtime.draft_check)
+    def check_draft(self, state: Any, draft: str, align: bool, max_tokens: int) -> Proposal: ...
 
     def score(self, state: Any, candidates: Sequence[tuple[str, bool]], *, end_id: int | None = None,
               mode: str = "mean_nll") -> list[float]: ...

@@ -95,6 +95,10 @@ class ModelActor:
         t0 = time.perf_counter()
         return self._reply(rid, self.worker.propose(self._state(rid), align, max_tokens), t0)
 
+    def check_draft(self, rid: int, draft: str, align: bool, max_tokens: int) -> Reply:
+        t0 = time.perf_counter()
+        return self._reply(rid, self.worker.check_draft(self._state(rid), draft, align, max_tokens), t0)
+
     def score(self, rid: int, candidates: list[tuple[str, bool]], end_id: int | None, mode: str) -> Reply:
         t0 = time.perf_counter()
         return self._reply(rid, self.worker.score(self._state(rid), candidates, end_id=end_id, mode=mode), t0)

@@ -245,6 +245,9 @@ class RayWorker:
     def propose(self, st: RemoteState, align: bool, max_tokens: int) -> Proposal:
         return self._call("propose", st.rid, align, max_tokens, st=st)
 
+    def check_draft(self, st: RemoteState, draft: str, align: bool, max_tokens: int) -> Proposal:
+        return self._call("check_draft", st.rid, draft, align, max_tokens, st=st)
+
     def score(self, st: RemoteState, candidates: Sequence[tuple[str, bool]], *, end_id: int | None = None,
               mode: str = "mean_nll") -> list[float]:
         return self._call("score", st.rid, list(candidates), end_id, mode, st=st)
