@@ -67,11 +67,16 @@ class FusionConfig(BaseModel):
     # re-tokenization, threads): a slow reference that must give the same text.
     fast_paths: bool = True
     default_max_tokens: int = Field(default=256, gt=0)
-    # Batching (coolfusion/runtime/batched_runner.py): per model, the forwards of every running request in
-    # one forward over preallocated KV slots. False: one forward at a time, a cache per request.
-    batching: bool = False
-    kv_slots: int = Field(default=8, gt=0)  # requests' KV rooms per model (a request uses 1, 2 with judge/rerank)
-    kv_max_tokens: int = Field(default=4096, gt=0)  # tokens per slot; caps every model's context
+    batching: bool = Field(default=True, description=(
+        "Per model, the forwards of every running request in one forward over preallocated KV slots "
+        "(coolfusion/runtime/batched_runner.py, docs/batching.md). False: one forward at a time, a "
+        "growing cache per request."))
+    kv_slots: int = Field(default=16, gt=0, description=(
+        "With batching: KV slots per model, each kv_max_tokens long (a request holds 1, 2 with judge; "
+        "16 = two per server.max_concurrent generation). Reserved at start-up; on the CPU the pages are "
+        "touched only as requests fill them."))
+    kv_max_tokens: int = Field(default=4096, gt=0, description=(
+        "With batching: tokens per KV slot; caps every model's context."))
     max_batch_tokens: int = Field(default=2048, gt=0)  # new tokens in one batched forward, at most
     # Selection (coolfusion/core/selection.py; each can be overridden per request in `fusion`)
     select: Literal["mean_ppl", "geo_mean_ppl", "max_ppl", "min_ppl", "weighted"] = "mean_ppl"
@@ -91,7 +96,9 @@ class ServerConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: str | None = None  # also COOLFUSION_API_KEY
-    max_concurrent: int = Field(default=4, gt=0)  # generations running at once
+    max_concurrent: int = Field(default=8, gt=0, description=(
+        "Generations running at once; with fusion.batching their forwards meet in one batch per model "
+        "(8: the batch limit of a 2-core CPU on the embedded pair, docs/batching.md)."))
     max_queue: int = Field(default=32, ge=0)  # requests waiting for a slot; beyond: 429
     request_timeout_s: float = Field(default=600.0, gt=0)
     max_body_bytes: int = Field(default=1_048_576, gt=0)

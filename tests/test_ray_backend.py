@@ -182,3 +182,32 @@ def test_killing_an_actor_mid_request_fails_it_with_503_and_the_next_request_suc
     assert comparable(after) == comparable(engine.generate(req))
     assert all(w.healthy for w in ray_engine.workers)
     assert all(w.open_requests() == 0 for w in ray_engine.workers)
+
+
+@needs_ray
+def test_concurrent_requests_meet_in_each_actors_batched_runner_and_equal_local(engine, ray_engine):
+    """The actors are threaded (one call per KV slot at once): four concurrent requests on
+    `backend: ray` run in the same batched forwards of each actor's runner, and every output
+    is the local backend's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from coolfusion.workers.ray_actor import actor_concurrency
+
+    assert actor_concurrency(ray_engine.fusion) >= ray_engine.fusion.kv_slots
+    reqs = [GenerationRequest(prompt=p, max_tokens=12) for p in
+            ("The capital of France is", "def fibonacci(n):", "Three primary colors are", "Once upon a time")]
+    local = ["".join(s.text for s in engine.generate(r)) for r in reqs]
+    before = [w.runner_stats()["forwards"] for w in ray_engine.workers]
+    barrier = threading.Barrier(len(reqs))
+
+    def run(r):
+        barrier.wait()
+        return "".join(s.text for s in ray_engine.generate(r))
+
+    with ThreadPoolExecutor(len(reqs)) as ex:
+        remote = list(ex.map(run, reqs))
+    assert remote == local
+    stats = [w.runner_stats() for w in ray_engine.workers]
+    sizes = [st["batch_sizes"][-(st["forwards"] - n):] for st, n in zip(stats, before)]  # this test's forwards
+    assert all(max(s) > 1 for s in sizes), sizes  # requests met in one forward, on every actor
+    assert all(w.open_requests() == 0 for w in ray_engine.workers)
