@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 if ROOT not in sys.path:  # `python coolfusion/bench/load_test.py` from a bare checkout
     sys.path.insert(0, ROOT)
 
