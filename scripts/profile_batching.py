@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import threading
 import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from coolfusion.bench import concurrency  # noqa: E402
 from coolfusion.config import load_config  # noqa: E402
+from coolfusion.core.types import COOL  # noqa: E402
 from coolfusion.engine.engine import Engine  # noqa: E402
 from coolfusion.runtime import batch_scheduler  # noqa: E402
 
@@ -46,25 +46,14 @@ def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> floa
     return sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1 in a for b0, b1 in b)
 
 
-def window(engine, reqs, solo, clients: int) -> float:
-    """`clients` requests at once; print the forward timeline's figures; return chars/s."""
+def window(engine, solo, clients: int, max_tokens: int) -> float:
+    """`clients` requests at once (`concurrency.level`); print the forward timeline's figures;
+    return the aggregate chars/s."""
     TIMELINE.clear()
-    barrier, out = threading.Barrier(clients), {}
-
-    def client(i):
-        barrier.wait()
-        out[i] = concurrency._text(engine, reqs[i])
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    rate = sum(len(v) for v in out.values()) / wall
-    print(f"== {clients} client(s): wall {wall:.2f} s, {rate:.1f} chars/s, "
-          f"identical to solo: {all(out[i] == solo[i] for i in out)}")
+    row = concurrency.level(engine, COOL, clients, max_tokens, solo)
+    wall = row["seconds"]
+    print(f"== {clients} client(s): wall {wall:.2f} s, {row['chars_per_s']:.1f} chars/s, "
+          f"identical to solo: {row['identical']}")
     spans = {}
     for name in sorted({x[0] for x in TIMELINE}):
         rows = [x for x in TIMELINE if x[0] == name]
@@ -81,7 +70,7 @@ def window(engine, reqs, solo, clients: int) -> float:
         both = _overlap(a, b)
         either = sum(e - s for s, e in a) + sum(e - s for s, e in b) - both
         print(f"  both models in a forward: {both / wall:.0%} of the wall time; neither: {1 - either / wall:.0%}")
-    return rate
+    return row["chars_per_s"]
 
 
 def main() -> None:
@@ -92,11 +81,10 @@ def main() -> None:
     args = p.parse_args()
     _record_forwards()
     engine = Engine.from_config(load_config(args.config))
-    reqs = [concurrency._request(i, "cool-fusion", args.max_tokens) for i in range(args.clients)]
-    solo = [concurrency._text(engine, r) for r in reqs]
+    solo = concurrency.solo_texts(engine, COOL, args.max_tokens, args.clients)
     print(os.popen("uptime").read().strip())
-    one = window(engine, reqs, solo, 1)
-    many = window(engine, reqs, solo, args.clients)
+    one = window(engine, solo, 1, args.max_tokens)
+    many = window(engine, solo, args.clients, args.max_tokens)
     print(f"{args.clients} clients / 1: {many / one:.2f}x")
 
 

@@ -87,23 +87,17 @@ def test_the_shipped_config_batches_eight_fused_requests(config, engine):
     """config.yaml (the `engine` fixture) batches by default, with room for every generation the
     server admits (two slots each: judge), and 8 concurrent fused requests meet in its runners'
     forwards while each gets the text it gets alone."""
+    from coolfusion.bench import concurrency
+
     assert config.fusion.batching and config.server.max_concurrent >= 8
     assert config.fusion.kv_slots >= 2 * config.server.max_concurrent
     assert all(w.runner.kv_report()["slots"] == config.fusion.kv_slots for w in engine.workers)
     prompts = [f"Fact {i}: the {word}" for i, word in enumerate(["sun", "moon", "sea", "sky", "tree", "city",
                                                                   "river", "book"])]
-    reqs = [GenerationRequest(prompt=p, max_tokens=10) for p in prompts]
-    alone = ["".join(s.text for s in engine.generate(r)) for r in reqs]
+    alone = concurrency.solo_texts(engine, "cool-fusion", 10, 8, prompts)
     start = [w.runner.forwards for w in engine.workers]
-    barrier = threading.Barrier(len(reqs))
-
-    def run(r):
-        barrier.wait()
-        return "".join(s.text for s in engine.generate(r))
-
-    with ThreadPoolExecutor(len(reqs)) as ex:
-        together = list(ex.map(run, reqs))
-    assert together == alone
+    row = concurrency.level(engine, "cool-fusion", 8, 10, alone, prompts)  # 8 clients at once
+    assert row["identical"]
     sizes = [w.runner.batch_sizes[-(w.runner.forwards - n):] for w, n in zip(engine.workers, start)]
     assert all(max(s) >= 4 for s in sizes), [max(s) for s in sizes]  # many requests per forward, on each model
     assert all(w.runner.kv_report()["slots_in_use"] == 0 for w in engine.workers)

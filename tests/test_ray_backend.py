@@ -189,24 +189,15 @@ def test_concurrent_requests_meet_in_each_actors_batched_runner_and_equal_local(
     """The actors are threaded (one call per KV slot at once): four concurrent requests on
     `backend: ray` run in the same batched forwards of each actor's runner, and every output
     is the local backend's."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    from coolfusion.bench import concurrency
     from coolfusion.workers.ray_actor import actor_concurrency
 
     assert actor_concurrency(ray_engine.fusion) >= ray_engine.fusion.kv_slots
-    reqs = [GenerationRequest(prompt=p, max_tokens=12) for p in
-            ("The capital of France is", "def fibonacci(n):", "Three primary colors are", "Once upon a time")]
-    local = ["".join(s.text for s in engine.generate(r)) for r in reqs]
+    prompts = ["The capital of France is", "def fibonacci(n):", "Three primary colors are", "Once upon a time"]
+    local = concurrency.solo_texts(engine, "cool-fusion", 12, 4, prompts)
     before = [w.runner_stats()["forwards"] for w in ray_engine.workers]
-    barrier = threading.Barrier(len(reqs))
-
-    def run(r):
-        barrier.wait()
-        return "".join(s.text for s in ray_engine.generate(r))
-
-    with ThreadPoolExecutor(len(reqs)) as ex:
-        remote = list(ex.map(run, reqs))
-    assert remote == local
+    row = concurrency.level(ray_engine, "cool-fusion", 4, 12, local, prompts)  # 4 clients at once
+    assert row["identical"]
     stats = [w.runner_stats() for w in ray_engine.workers]
     sizes = [st["batch_sizes"][-(st["forwards"] - n):] for st, n in zip(stats, before)]  # this test's forwards
     assert all(max(s) > 1 for s in sizes), sizes  # requests met in one forward, on every actor

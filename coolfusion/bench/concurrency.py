@@ -36,6 +36,11 @@ def _text(engine, req: GenerationRequest) -> str:
     return "".join(s.text for s in engine.generate(req))
 
 
+def solo_texts(engine, model: str, max_tokens: int, clients: int, prompts=PROMPTS) -> dict[int, str]:
+    """Client i's output run alone, for i < clients: what `level` compares outputs under load with."""
+    return {i: _text(engine, _request(i, model, max_tokens, prompts)) for i in range(clients)}
+
+
 def level(engine, model: str, clients: int, max_tokens: int, solo: dict[int, str], prompts=PROMPTS) -> dict:
     """`clients` threads at once, client i running request i; figures of that level."""
     barrier = threading.Barrier(clients)
@@ -87,7 +92,7 @@ def measure(engine, levels: list[int], max_tokens: int, models: list[str] | None
     _text(engine, _request(0, COOL, 8, prompts))  # warm-up
     res: dict = {"max_tokens": max_tokens, "levels": levels, "models": {}, "solo": {}}
     for model in models:
-        solo = {i: _text(engine, _request(i, model, max_tokens, prompts)) for i in range(max(levels))}
+        solo = solo_texts(engine, model, max_tokens, max(levels), prompts)
         res["solo"][model] = solo
         if reference is not None:
             res.setdefault("solo_equals_reference", {})[model] = solo == reference[model]
