@@ -80,11 +80,13 @@ class FusionConfig(BaseModel):
                                                "scoring, tail-only re-tokenization, threads): a slow reference "
                                                "that must give the same text")
     default_max_tokens: int = Field(256, gt=0, description="max_tokens of a request that gives none")
-    batching: bool = Field(False, description="per model, the forwards of every running request in one forward "
-                                              "over preallocated KV slots (coolfusion/runtime/batched_runner.py); "
-                                              "false: one forward at a time, a cache per request")
-    kv_slots: int = Field(8, gt=0, description="with batching: requests' KV rooms per model (a request uses 1, "
-                                               "2 with judge or rerank)")
+    batching: bool = Field(True, description="per model, the forwards of every running request in one forward "
+                                             "over preallocated KV slots (coolfusion/runtime/batched_runner.py, "
+                                             "docs/batching.md); false: one forward at a time, a growing cache per request")
+    kv_slots: int = Field(16, gt=0, description="with batching: KV slots per model, each kv_max_tokens long (a request "
+                                                "holds 1, 2 with judge or rerank; 16 = two per server.max_concurrent "
+                                                "generation); reserved at start-up, on the CPU touched only as requests "
+                                                "fill them")
     kv_max_tokens: int = Field(4096, gt=0, description="with batching: tokens per KV slot; caps every model's context")
     max_batch_tokens: int = Field(2048, gt=0, description="with batching: new tokens in one batched forward, at most")
     select: selection.Rule = Field(selection.DEFAULT_RULE, description="the selection rule: how a candidate's "
@@ -115,7 +117,9 @@ class ServerConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     api_key: str | None = Field(None, description="require 'Authorization: Bearer KEY' on every route but /health "
                                                   "(unset: no auth); env COOLFUSION_API_KEY overrides it")
-    max_concurrent: int = Field(4, gt=0, description="generations running at once")
+    max_concurrent: int = Field(8, gt=0, description="generations running at once; with fusion.batching their "
+                                                    "forwards meet in one batch per model (8: the batch limit of a "
+                                                    "2-core CPU on the embedded pair, docs/batching.md)")
     max_queue: int = Field(32, ge=0, description="requests waiting for a slot; beyond: 429")
     request_timeout_s: float = Field(600.0, gt=0, description="per-request time limit in seconds, queueing included")
     max_body_bytes: int = Field(1_048_576, gt=0, description="largest request body; beyond: 413")

@@ -81,3 +81,23 @@ def test_a_prefill_longer_than_a_chunk_is_fed_in_chunks_and_gives_the_same_text(
     alone = "".join(s.text for s in engine.generate(req))
     assert "".join(s.text for s in batched.generate(req)) == alone
     assert w.runner.forwards - before >= 3 + 12  # at least three prefill chunks, then the decode steps
+
+
+def test_the_shipped_config_batches_eight_fused_requests(config, engine):
+    """config.yaml (the `engine` fixture) batches by default, with room for every generation the
+    server admits (two slots each: judge), and 8 concurrent fused requests meet in its runners'
+    forwards while each gets the text it gets alone."""
+    from coolfusion.bench import concurrency
+
+    assert config.fusion.batching and config.server.max_concurrent >= 8
+    assert config.fusion.kv_slots >= 2 * config.server.max_concurrent
+    assert all(w.runner.kv_report()["slots"] == config.fusion.kv_slots for w in engine.workers)
+    prompts = [f"Fact {i}: the {word}" for i, word in enumerate(["sun", "moon", "sea", "sky", "tree", "city",
+                                                                  "river", "book"])]
+    alone = concurrency.solo_texts(engine, "cool-fusion", 10, 8, prompts)
+    start = [w.runner.forwards for w in engine.workers]
+    row = concurrency.level(engine, "cool-fusion", 8, 10, alone, prompts)  # 8 clients at once
+    assert row["identical"]
+    sizes = [w.runner.batch_sizes[-(w.runner.forwards - n):] for w, n in zip(engine.workers, start)]
+    assert all(max(s) >= 4 for s in sizes), [max(s) for s in sizes]  # many requests per forward, on each model
+    assert all(w.runner.kv_report()["slots_in_use"] == 0 for w in engine.workers)

@@ -32,6 +32,7 @@ CASE_IDS = [f"{ep}{'-stream' if stream else ''}" for ep, stream in CASES]
 # engine's value checks (select, end_scoring; coolfusion.core.selection.check)
 BAD_VALUES = {
     "trace": {"trace": "maybe"},
+    "speculative": {"speculative": "maybe"},
     "judge": {"judge": [1]},
     "select": {"select": "median"},
     "weights": {"select": "weighted", "weights": 5},  # neither a mapping nor "auto"

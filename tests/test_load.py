@@ -1,8 +1,8 @@
 """The load test (coolfusion/bench/load_test.py) in its short form, against the real engine (issue 7).
 
 8 clients on loopback, mixed completions / chat x stream / non-stream over two prompts, two
-of them (a quarter) hanging up after their first streamed segment; max_tokens 8; 4 slots and
-a queue big enough that nobody is refused. The references are the same requests run alone,
+of them (a quarter) hanging up after their first streamed segment; max_tokens 8; the shipped
+config (batching, its server.max_concurrent) and a queue big enough that nobody is refused. The references are the same requests run alone,
 one after another, on the same server before the load.
 
 RSS: the server runs in this process, so RSS covers the engine (about a gigabyte of weights
@@ -26,9 +26,9 @@ def plan():
 
 
 @pytest.fixture(scope="module")
-def report(engine, plan):
-    rep = load_test.serve_and_load(engine, plan, max_tokens=MAX_TOKENS, max_concurrent=4, request_timeout_s=300,
-                            idle_timeout_s=60)
+def report(engine, config, plan):
+    rep = load_test.serve_and_load(engine, plan, max_tokens=MAX_TOKENS, max_concurrent=config.server.max_concurrent,
+                                   request_timeout_s=300, idle_timeout_s=60)
     print("\n" + "\n".join(rep.lines()))
     return rep
 

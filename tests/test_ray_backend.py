@@ -195,3 +195,22 @@ def test_speculative_proposals_on_ray_give_the_local_plain_text(engine, ray_engi
     assert "".join(s.text for s in remote).encode() == "".join(s.text for s in local).encode()
     assert [s.winner for s in remote] == [s.winner for s in local]
     assert sum(sum(s.speculation["accepted"].values()) for s in remote) > 0
+
+
+def test_concurrent_requests_meet_in_each_actors_batched_runner_and_equal_local(engine, ray_engine):
+    """The actors are threaded (one call per KV slot at once): four concurrent requests on
+    `backend: ray` run in the same batched forwards of each actor's runner, and every output
+    is the local backend's."""
+    from coolfusion.bench import concurrency
+    from coolfusion.workers.ray_actor import actor_concurrency
+
+    assert actor_concurrency(ray_engine.fusion) >= ray_engine.fusion.kv_slots
+    prompts = ["The capital of France is", "def fibonacci(n):", "Three primary colors are", "Once upon a time"]
+    local = concurrency.solo_texts(engine, "cool-fusion", 12, 4, prompts)
+    before = [w.runner_stats()["forwards"] for w in ray_engine.workers]
+    row = concurrency.level(ray_engine, "cool-fusion", 4, 12, local, prompts)  # 4 clients at once
+    assert row["identical"]
+    stats = [w.runner_stats() for w in ray_engine.workers]
+    sizes = [st["batch_sizes"][-(st["forwards"] - n):] for st, n in zip(stats, before)]  # this test's forwards
+    assert all(max(s) > 1 for s in sizes), sizes  # requests met in one forward, on every actor
+    assert all(w.open_requests() == 0 for w in ray_engine.workers)

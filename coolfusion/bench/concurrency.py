@@ -36,6 +36,11 @@ def _text(engine, req: GenerationRequest) -> str:
     return "".join(s.text for s in engine.generate(req))
 
 
+def solo_texts(engine, model: str, max_tokens: int, clients: int, prompts=PROMPTS) -> dict[int, str]:
+    """Client i's output run alone, for i < clients: what `level` compares outputs under load with."""
+    return {i: _text(engine, _request(i, model, max_tokens, prompts)) for i in range(clients)}
+
+
 def level(engine, model: str, clients: int, max_tokens: int, solo: dict[int, str], prompts=PROMPTS) -> dict:
     """`clients` threads at once, client i running request i; figures of that level."""
     barrier = threading.Barrier(clients)
@@ -51,9 +56,7 @@ def level(engine, model: str, clients: int, max_tokens: int, solo: dict[int, str
         except BaseException as err:  # noqa: BLE001 (reported below)
             errors.append(err)
 
-    runners = [w.runner for w in engine.workers if hasattr(getattr(w, "runner", None), "items")]
-    counts0 = [(r.forwards, r.items) for r in runners]
-    busy0 = [r.busy_s for r in runners]
+    before = _runner_stats(engine)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
@@ -63,23 +66,37 @@ def level(engine, model: str, clients: int, max_tokens: int, solo: dict[int, str
     wall = time.perf_counter() - t0
     if errors:
         raise errors[0]
+    after = _runner_stats(engine)
     latencies = [lat for _, lat in out.values()]
     chars = sum(len(text) for text, _ in out.values())
-    forwards = sum(r.forwards - f for r, (f, _) in zip(runners, counts0))
-    items = sum(r.items - n for r, (_, n) in zip(runners, counts0))
+    forwards = sum(a["forwards"] - b["forwards"] for a, b in zip(after, before))
+    items = sum(a["items"] - b["items"] for a, b in zip(after, before))
     return {"clients": clients, "seconds": wall, "chars": chars, "chars_per_s": chars / wall,
             "mean_batch": items / forwards if forwards else None,
-            "model_busy": [(r.busy_s - b) / wall for r, b in zip(runners, busy0)],  # per model, 0-1
+            "model_busy": [(a["busy_s"] - b["busy_s"]) / wall for a, b in zip(after, before)],  # per model, 0-1
             "latency_median_s": statistics.median(latencies), "latency_max_s": max(latencies),
             "identical": all(out[i][0] == solo[i] for i in out)}
 
 
-def measure(engine, levels: list[int], max_tokens: int, models: list[str] | None = None, prompts=PROMPTS) -> dict:
+def _runner_stats(engine) -> list[dict]:
+    """Per worker whose runner batches (local or in a Ray actor): its counters now."""
+    return [s for s in (getattr(w, "runner_stats", dict)() for w in engine.workers) if s]
+
+
+def measure(engine, levels: list[int], max_tokens: int, models: list[str] | None = None, prompts=PROMPTS,
+            reference: dict | None = None) -> dict:
+    """Every level for every model id. Each output is compared with the same request run
+    alone on this engine (`identical`), or with `reference[model][i]` when given (another
+    engine's solo outputs: the local backend's for `backend: ray`); `res["solo"]` keeps them."""
     models = models or [COOL, *engine.source_names]
     _text(engine, _request(0, COOL, 8, prompts))  # warm-up
-    res: dict = {"max_tokens": max_tokens, "levels": levels, "models": {}}
+    res: dict = {"max_tokens": max_tokens, "levels": levels, "models": {}, "solo": {}}
     for model in models:
-        solo = {i: _text(engine, _request(i, model, max_tokens, prompts)) for i in range(max(levels))}
+        solo = solo_texts(engine, model, max_tokens, max(levels), prompts)
+        res["solo"][model] = solo
+        if reference is not None:
+            res.setdefault("solo_equals_reference", {})[model] = solo == reference[model]
+            solo = reference[model]
         rows = [level(engine, model, c, max_tokens, solo, prompts) for c in levels]
         base = rows[0]["chars_per_s"] if rows[0]["clients"] == 1 else None
         for r in rows:
@@ -95,6 +112,8 @@ def with_runner(engine, *, batching: bool):
 
 def print_table(res: dict) -> None:
     print(f"concurrency benchmark: max_tokens {res['max_tokens']}, one greedy request per client")
+    for model, same in res.get("solo_equals_reference", {}).items():
+        print(f"{model}: solo outputs equal the local backend's: {same}")
     print(f"{'model id':22} {'clients':>7} {'chars/s':>8} {'speedup':>8} {'latency p50 s':>13} "
           f"{'max s':>7} {'identical':>9} {'batch':>6} {'busy':>9}")
     for model, rows in res["models"].items():
@@ -104,3 +123,15 @@ def print_table(res: dict) -> None:
                   f"{r['latency_max_s']:7.1f} {str(r['identical']):>9} "
                   f"{(format(r['mean_batch'], '6.2f') if r['mean_batch'] else '     -')} "
                   f"{'/'.join(f'{b:.0%}' for b in r['model_busy']) or '-':>9}")
+
+
+def print_on_against_off(res: dict) -> None:
+    """With both modes measured: per model id, batching on against off at the lowest level
+    (batching must not slow a lone client down)."""
+    on, off = res.get("batching_on"), res.get("batching_off")
+    if not (on and off):
+        return
+    for model, rows in on["models"].items():
+        a, b = rows[0], off["models"][model][0]
+        print(f"{model}, {a['clients']} client(s): batching on {a['chars_per_s']:.1f} chars/s, "
+              f"off {b['chars_per_s']:.1f} ({a['chars_per_s'] / b['chars_per_s']:.2f}x)")

@@ -277,14 +277,16 @@ def run_load(
     )
 
 
-def serve_and_load(engine: Any, plan: list[ClientSpec], *, max_concurrent: int = SERVER.max_concurrent,
+def serve_and_load(engine: Any, plan: list[ClientSpec], *, max_concurrent: int | None = None,
                    max_queue: int | None = None, request_timeout_s: float = SERVER.request_timeout_s,
                    api_key: str | None = None, **kw: Any) -> Report:
-    """An in-process server around `engine` (max_queue >= clients unless given), loaded by `plan`."""
+    """An in-process server around `engine` (max_concurrent: the config schema's default
+    unless given; max_queue >= clients unless given), loaded by `plan`."""
     from coolfusion.server.app import create_app
     from coolfusion.server.testing import serve_in_thread
 
-    settings = ServerConfig(max_concurrent=max_concurrent, max_queue=len(plan) if max_queue is None else max_queue,
+    settings = ServerConfig(max_concurrent=max_concurrent or SERVER.max_concurrent,
+                            max_queue=len(plan) if max_queue is None else max_queue,
                             request_timeout_s=request_timeout_s, api_key=api_key)
     with serve_in_thread(create_app(engine, settings)) as base_url:
         return run_load(base_url, plan, api_key=api_key, server_pid=-1, engine=engine,
@@ -302,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disconnect-fraction", type=float, default=0.25, help="clients that hang up mid-stream (default: %(default)s)")
     p.add_argument("--model", default="cool-fusion", help="model id (default: %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("COOLFUSION_API_KEY"), help="Bearer key (default: env COOLFUSION_API_KEY)")
-    p.add_argument("--max-concurrent", type=int, default=SERVER.max_concurrent, help="in-process server: generation slots (default: %(default)s)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="in-process server: generation slots (default: the config's server.max_concurrent)")
     p.add_argument("--batching", choices=["config", "on", "off"], default="config",
                    help="in-process server: fusion.batching as in the config, or forced on/off (default: %(default)s)")
     p.add_argument("--max-queue", type=int, help="in-process server: queue places (default: the number of clients)")
@@ -329,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         engine = Engine.from_config(cfg)
         print(f"engine loaded in {time.perf_counter() - t:.1f} s", flush=True)
-        report = serve_and_load(engine, plan, max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+        report = serve_and_load(engine, plan, max_concurrent=args.max_concurrent or cfg.server.max_concurrent,
+                                max_queue=args.max_queue,
                                 request_timeout_s=args.request_timeout, api_key=args.api_key, **common)
     for line in report.lines():
         print(line)

@@ -85,7 +85,8 @@ def add_arguments(p) -> None:
                         "after the other figures (also, the default), alone (only), or not at all (skip)")
     p.add_argument("--ray", action="store_true",
                    help="also run (c) with backend: ray on a local Ray cluster and print the Ray "
-                        "overhead per step against local (needs pip install .[ray])")
+                        "overhead per step against local; with --concurrency, the levels again with "
+                        "backend: ray, outputs compared with the local backend's (needs pip install .[ray])")
 
 
 def _peak_mem() -> dict:
@@ -241,6 +242,25 @@ def _ray_overhead(args, prompts, n, local: dict) -> dict:
         engine.close()
 
 
+def _ray_concurrency(args, levels, ids, local: dict) -> dict:
+    """The concurrency levels again with backend: ray (the config's fusion settings) on a local
+    Ray cluster; every output is compared with the local backend's solo output."""
+    from coolfusion.bench import concurrency
+    from coolfusion.config import load_config
+    from coolfusion.engine.engine import Engine
+    from coolfusion.workers.ray_proxy import ray_config
+
+    reference = next(r["solo"] for r in (local.get("batching_on"), local.get("batching_off")) if r)
+    engine = Engine.from_config(ray_config(load_config(args.config), address="local"))
+    try:
+        res = concurrency.measure(engine, levels, args.max_tokens, ids, reference=reference)
+    finally:
+        engine.close()
+    print(f"\nbackend: ray (fusion.batching: {engine.fusion.batching}), identical = equal to the local backend's solo output")
+    concurrency.print_table(res)
+    return res
+
+
 def measure(engine, prompts, n, *, skip_hf=False, growth_steps=12, growth_repeats=3) -> dict:
     """All figures of one benchmark run over a loaded engine (see the module docstring)."""
     from coolfusion.core.types import COOL
@@ -300,14 +320,17 @@ def run(args) -> int:
 
 
         levels = sorted({int(x) for x in args.concurrency.split(",")})
+        ids = args.model_ids.split(",") if args.model_ids else None
         res = {"load_seconds": load_s}
         for mode in (["off", "on"] if args.batching == "both" else [args.batching]):
             eng = concurrency.with_runner(engine, batching=mode == "on")
-            ids = args.model_ids.split(",") if args.model_ids else None
             res[f"batching_{mode}"] = concurrency.measure(eng, levels, args.max_tokens, ids)
             eng.close()
             print(f"\nfusion.batching: {mode}")
             concurrency.print_table(res[f"batching_{mode}"])
+        concurrency.print_on_against_off(res)
+        if args.ray and not (args.shapes or args.random_weights):
+            res["ray"] = _ray_concurrency(args, levels, ids, res)
         _write_json(args.json_path, res)
         return 0
     prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]

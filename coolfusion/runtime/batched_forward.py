@@ -189,6 +189,9 @@ def _gather_attention(plan: Plan, layer, query, masks, window, scaling, softcap)
     slots = torch.tensor([it.slot for it in plan.items], device=st.device)  # (B,)
     k = st.k[layer][:, :, :n_max].index_select(0, slots)  # (B, Hkv, n_max, D): a copy
     v = st.v[layer][:, :, :n_max].index_select(0, slots)
+    for i, n in enumerate(plan.after):  # past an item's length: never written (maybe NaN bits), 0 * NaN = NaN
+        k[i, :, n:] = 0
+        v[i, :, n:] = 0
     row = torch.repeat_interleave(torch.arange(B, device=st.device), torch.tensor(plan.sizes, device=st.device))  # (T,)
     col = torch.cat([torch.arange(t, device=st.device) for t in plan.sizes])  # (T,)
     q = query.new_zeros((B, query.shape[1], t_max, query.shape[-1]))  # (B, Hq, t_max, D)

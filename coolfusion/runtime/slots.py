@@ -3,7 +3,11 @@
 Per layer, keys and values live in one tensor each of shape (slots, kv_heads, max_len,
 head_dim), allocated once. A request owns one slot (one row) while it is open; its cached
 tokens are the first `length(slot)` entries of that row. Nothing is allocated per token and
-no operation touches another request's row:
+no operation touches another request's row. The tensors are allocated uninitialised
+(`torch.empty`): on the CPU the operating system then commits a page only when a forward
+first writes it, so start-up costs no time and resident memory follows the longest contexts
+served (up to `nbytes`); on CUDA the memory is taken at once. Nothing reads an entry past a
+slot's length, so their contents never matter.
 
     alloc() -> slot          free(slot)           length(slot)
     crop(slot, n)            move(slot, src, dst, n)    (copies only that block)
@@ -35,9 +39,9 @@ class SlotStorage:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         shape = (slots, kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # (S, H, L, D) each
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # (S, H, L, D) each
-        self.positions = torch.zeros((slots, max_len), dtype=torch.long, device=device)  # (S, L) RoPE position of each entry
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # (S, H, L, D) each
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # (S, H, L, D) each
+        self.positions = torch.empty((slots, max_len), dtype=torch.long, device=device)  # (S, L) RoPE position of each entry
         self._len = [0] * slots
         self._free = list(range(slots - 1, -1, -1))  # a stack: the lowest free slot is taken first
         self._used: set[int] = set()

@@ -116,3 +116,5 @@ class WorkerProbes(Protocol):
     def cached_logits(self, state: Any): ...  # next-token logits from the KV cache (tests)
 
     def fresh_logits(self, state: Any): ...  # the same from a full forward without cache (tests)
+
+    def runner_stats(self) -> dict: ...  # its runner's counters: forwards, busy seconds, batch sizes ({}: none)

@@ -7,6 +7,15 @@ options (every model's tokenizer rules: megabytes) travel as an object ref that 
 keeps alive, boxed in a list so that Ray passes the ref itself: an actor that Ray restarts
 runs its constructor again with the same arguments and fetches them again. Every call answers with a typed message: `Reply` for the
 Table 1 calls, `ActorInfo` once at start. The master's proxy is `coolfusion.workers.ray_proxy`.
+
+Concurrency: the actor is a *threaded* actor (`max_concurrency`, `actor_concurrency`): Ray runs
+up to that many calls at once, each on a thread of the actor, so the calls of concurrent
+requests reach the worker together and, with `fusion.batching`, meet in the model's batched
+runner exactly as the request threads of the local backend do. A threaded actor rather than
+an async one because the worker is blocking code (a call waits on its batch's future):
+an async actor would only hand every call to a thread pool itself. Calls of one request
+never overlap (its loop waits for each reply), so Ray's unordered execution of a threaded
+actor's calls changes nothing; the states dict is only read and written under the GIL.
 """
 
 from __future__ import annotations
@@ -128,6 +137,15 @@ class ModelActor:
     def counters(self) -> dict[str, float]:
         return {"forward_tokens": self.worker.forward_tokens, "tok_seconds": self.worker.tok_seconds}
 
+    def runner_stats(self) -> dict[str, Any]:
+        return self.worker.runner_stats()
+
+
+def actor_concurrency(fusion) -> int:
+    """Calls an actor runs at once: one per KV slot (a request has one call in flight per
+    model at a time), plus two for the master's health and counter calls."""
+    return fusion.kv_slots + 2
+
 
 def start_actor(m: ModelConfig, options_ref, fusion, rc):
     """Ask Ray for the model's actor; returns at once (the model loads in the background).
@@ -136,4 +154,5 @@ def start_actor(m: ModelConfig, options_ref, fusion, rc):
     return ray.remote(ModelActor).options(
         num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_restarts=rc.max_restarts,
         max_task_retries=0,  # a request's state lives in the actor: never replay a call
+        max_concurrency=actor_concurrency(fusion),  # a threaded actor: concurrent requests batch
     ).remote(m, [options_ref], fusion)

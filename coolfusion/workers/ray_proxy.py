@@ -7,7 +7,8 @@ On the master, `RayWorker` implements the same `Worker` contract as `LocalWorker
 encoding, token counts), `open` returns a small handle (`RemoteState`), and propose /
 score / commit / close are remote calls answered by typed `Reply` messages. The fusion
 loop calls every worker from its own thread, and each thread blocks on `ray.get`, so the
-actors compute concurrently.
+actors compute concurrently; each actor is threaded (`ray_actor.actor_concurrency`), so the
+calls of concurrent requests run at once in it and meet in its model's batched runner.
 
 Failures: an actor that dies fails the calls in flight, and later calls of the requests it
 held, with `NotReady` (HTTP 503). Ray restarts it (`ray.max_restarts`), or, when Ray will
@@ -288,6 +289,10 @@ class RayWorker:
     def tok_seconds(self) -> float:
         """Tokenizer time: the actor's (propose, score, commit) plus the master's."""
         return self._call("counters")["tok_seconds"] + self.text.tok_seconds
+
+    def runner_stats(self) -> dict:
+        """The actor's batched-runner counters (`LocalWorker.runner_stats`), asked again."""
+        return self._call("runner_stats")
 
     def open_requests(self) -> int:
         """Requests whose state the actor holds (0 when every request was closed)."""

@@ -22,3 +22,15 @@ def test_levels_report_aggregate_rate_speedup_and_identity_with_solo_runs():
             assert r["latency_max_s"] >= r["latency_median_s"] > 0
     # every client got text: the scripted models write the same words for every prompt
     assert res["models"]["m1"][2]["chars"] == 3 * res["models"]["m1"][0]["chars"]
+
+
+def test_outputs_are_compared_with_a_reference_engines_solo_outputs_when_given():
+    """`backend: ray` is checked against the local backend's solo outputs: a reference that
+    differs makes every level non-identical and is reported."""
+    eng = engine(" one two three four five", " one two six seven eight")
+    own = concurrency.measure(eng, [1, 2], max_tokens=12, models=["m1"], prompts=["Say:"])
+    same = concurrency.measure(eng, [1, 2], max_tokens=12, models=["m1"], prompts=["Say:"], reference=own["solo"])
+    assert same["solo_equals_reference"] == {"m1": True} and all(r["identical"] for r in same["models"]["m1"])
+    other = {"m1": {i: t + "!" for i, t in own["solo"]["m1"].items()}}
+    diff = concurrency.measure(eng, [1, 2], max_tokens=12, models=["m1"], prompts=["Say:"], reference=other)
+    assert diff["solo_equals_reference"] == {"m1": False} and not any(r["identical"] for r in diff["models"]["m1"])
