@@ -85,9 +85,10 @@ def test_growing_kv_cache_matches_dynamic_cache_and_appends_in_place(tiny_engine
     from transformers import DynamicCache
 
     from coolfusion.runtime import kvcache
+    from coolfusion.runtime.hf_compat import cache_keyword
 
     model = tiny_engine.workers[1].runner.model  # Gemma-3 shaped: sliding and full layers
-    cache_kw = tiny_engine.workers[1].runner.cache_kw  # the forward's name for the cache
+    cache_kw = cache_keyword(model)  # the forward's name for the cache (it differs across transformers versions)
     ours, ref = kvcache.new_cache(), DynamicCache()
     g = torch.Generator().manual_seed(0)
 

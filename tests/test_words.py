@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from coolfusion.core.words import REPLACEMENT, WordStarts, common_starts, first_boundary
 
-DATA = Path(__file__).resolve().parents[1] / "evaluation" / "data" / "word_starts_examples.json"  # shipped
+DATA = Path(__file__).resolve().parents[1] / "coolfusion" / "evaluation" / "data" / "word_starts_examples.json"  # shipped
 
 
 @pytest.fixture(scope="module")

@@ -90,6 +90,17 @@ class _Common(BaseModel):
             raise ValueError("stop must be a string or a list of strings")
         return v  # their number, emptiness and text: coolfusion.core.validation, as for every request
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        """The one text the engine's checks never see as text (it names a model or is unknown):
+        a lone surrogate in it is refused here, before it reaches an error message or a log."""
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("model is not valid Unicode text (lone surrogate)") from None
+        return v
+
     @field_validator("fusion", mode="before")
     @classmethod
     def _fusion_keys(cls, v: Any) -> Any:
