@@ -76,6 +76,11 @@ class BatchedRunner:
         """Requests per forward, most recent last (the last 1,000)."""
         return list(self._scheduler.batch_sizes)
 
+    def stats(self) -> dict:
+        """Its counters: forwards, items run in them, busy seconds, recent batch sizes, KV slots."""
+        return {"forwards": self.forwards, "items": self.items, "busy_s": self.busy_s,
+                "batch_sizes": self.batch_sizes, "kv": self.kv_report()}
+
     def kv_report(self) -> dict[str, int]:
         """Slots in use / in all, and the bytes preallocated for them (start-up log, /metrics)."""
         return {"slots": self.storage.slots, "slots_in_use": self.storage.slots - self.storage.free_slots,

@@ -90,6 +90,10 @@ class ModelRunner:
             self.forward_tokens += len(tokens)
         return out.logits[0].float()  # (T, V)
 
+    def stats(self) -> dict:
+        """{}: the batch counters are the batched runner's (this one runs one forward at a time)."""
+        return {}
+
     def kv_report(self) -> dict[str, int]:
         """{}: no preallocated KV slots (each request's cache grows as it needs)."""
         return {}

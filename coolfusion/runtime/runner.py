@@ -47,6 +47,8 @@ class Runner(Protocol):
 
     def kv_report(self) -> dict[str, int]: ...  # slots, in use, tokens per slot, bytes; {} without slots
 
+    def stats(self) -> dict: ...  # batch counters: forwards, items, busy_s, batch_sizes, kv; {} without batching
+
     def shutdown(self) -> None: ...  # stop the runner's thread, if any
 
 

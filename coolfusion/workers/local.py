@@ -122,14 +122,9 @@ class LocalWorker:
 
     def kv_report(self) -> dict[str, int]:
         return self.runner.kv_report()
+
     def runner_stats(self) -> dict:
-        """The batched runner's counters (forwards, items run in them, busy seconds, recent batch
-        sizes, KV slots); empty for the one-forward-at-a-time runner."""
-        r = self.runner
-        if not hasattr(r, "batch_sizes"):
-            return {}
-        return {"forwards": r.forwards, "items": r.items, "busy_s": r.busy_s, "batch_sizes": r.batch_sizes,
-                "kv": r.kv_report()}
+        return self.runner.stats()
 
     def shutdown(self) -> None:
         """Stop the runner's thread, if it has one (the model lives as long as this process)."""
