@@ -70,6 +70,7 @@ class RayWorker:
         self._lock = threading.Lock()
         self._recovery: threading.Thread | None = None
         self._rids = itertools.count(1)
+        self._closing: list = []  # refs of close calls not yet known to have run (see `close`)
         self._stats: dict[str, list[float]] = {}  # method -> [calls, round-trip s, actor s]
         info = self._start_info(actor)
         self.text = TokenizerSide(m.name, tokenizer, info.end_ids, (info.chat_end,))
@@ -263,7 +264,13 @@ class RayWorker:
         st.closed = True
         actor = self._actor
         if st.lost is None and actor is not None:
-            actor.close.remote(st.rid)  # no reply awaited; calls of one caller run in order
+            # No reply awaited. A threaded actor runs one caller's calls in no set order, so
+            # the ref is kept until it is known to have run: `open_requests` waits for them.
+            ref = actor.close.remote(st.rid)
+            with self._lock:
+                self._closing.append(ref)
+                if len(self._closing) > 64:  # forget the closes that have run
+                    done, self._closing = ray.wait(self._closing, num_returns=len(self._closing), timeout=0)
 
     def seq_len(self, st: RemoteState) -> int:
         return st.seq_len
@@ -295,7 +302,14 @@ class RayWorker:
         return self._call("runner_stats")
 
     def open_requests(self) -> int:
-        """Requests whose state the actor holds (0 when every request was closed)."""
+        """Requests whose state the actor holds (0 when every request was closed), counted
+        after every close sent so far has run."""
+        with self._lock:
+            closing, self._closing = self._closing, []
+        try:
+            self.cluster.get(closing)
+        except (RayActorError, RayTaskError):
+            pass  # a close on a dead actor: its states went with it
         return self._call("open_requests")
 
     def actor_info(self) -> ActorInfo:
