@@ -11,8 +11,31 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config.yaml"
 
 
+RAY_SERVER = pytest.StashKey()  # tests/ray_serve.py's server, started early (below)
+
+
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_finish(session):
+    """When tests/test_ray_lifetime.py is among the tests to run, start its server now: its
+    start and the 90 s its first test waits after /health first answers 200 then pass while
+    the other tests run, instead of as an idle wait of their own."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None or session.config.option.collectonly:
+        return
+    if any(item.path.name == "test_ray_lifetime.py" for item in session.items):
+        import ray_serve
+
+        session.config.stash[RAY_SERVER] = ray_serve.start()
+
+
+def pytest_sessionfinish(session):
+    server = session.config.stash.get(RAY_SERVER, None)
+    if server is not None:  # its module never ran (deselected by -x, interrupted)
+        server.stop()
 
 
 @pytest.fixture(scope="session")

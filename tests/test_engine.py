@@ -193,8 +193,8 @@ def test_fast_paths_change_no_output(engine):
     re-tokenization and threads are pure speed-ups: turning them all off (a full re-prefill
     every step) gives the same fused text."""
     slow = clone_engine(engine, [0, 1], fast_paths=False)
-    reqs = [GenerationRequest(prompt=p, max_tokens=24) for p in PROMPTS] + [
-        GenerationRequest(messages=(Message("user", "Give me two tips for sleeping well."),), max_tokens=24)]
+    reqs = [GenerationRequest(prompt=p, max_tokens=16) for p in PROMPTS] + [
+        GenerationRequest(messages=(Message("user", "Give me two tips for sleeping well."),), max_tokens=16)]
     for req in reqs:
         fast_steps = list(engine.generate(replace(req, trace=True)))
         slow_steps = list(slow.generate(replace(req, trace=True)))

@@ -3,10 +3,12 @@ subprocess): the Ray instance it starts itself lives as long as the server (issu
 with the loader thread, and Ray ended the server 60 s later), and when its head is killed the
 server stays up, answering 503 `engine_not_ready` with the reason (coolfusion/workers/ray_cluster.py).
 
-One server serves both tests (the kill test last). They take five to six minutes on a busy
-2-core machine (docs/ray.md): the server's start, the 90 s the first test waits after /health
-first answers 200, and the 70 s the second waits after the kill (past the 60 s after which
-Ray's driver would end the process). Marked slow (`-m "not slow"` leaves them out).
+One server serves both tests (the kill test last). The conftest starts it as soon as the
+tests are collected (tests/ray_serve.py), so its start and the 90 s the first test waits
+after /health first answers 200 pass while the other tests run; the 70 s the second waits
+after the kill (past the 60 s after which Ray's driver would end the process) remain. Run
+alone, the module takes four to five minutes on a 2-core machine. Marked slow
+(`-m "not slow"` leaves them out).
 """
 
 from __future__ import annotations
@@ -15,20 +17,15 @@ import importlib.util
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
+import ray_serve
+from conftest import RAY_SERVER
 
 from coolfusion.core.types import COOL, GenerationRequest
 from coolfusion.server.testing import sse_data
-
-ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [
     pytest.mark.slow,
@@ -41,80 +38,19 @@ PROMPT = "The capital of France is"
 MAX_TOKENS = 24
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _children(pid: int) -> dict[str, int]:
-    """{command name: pid} of the processes whose parent is `pid` (Linux /proc)."""
-    found = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        name = text[text.index("(") + 1:text.rindex(")")]
-        ppid = int(text[text.rindex(")") + 2:].split()[1])
-        if ppid == pid:
-            found[name] = int(stat.parent.name)
-    return found
-
-
-class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
-        self.proc, self.url, self.log = proc, url, log
-        self.first_200: float | None = None
-
-    def log_lines(self) -> list[dict]:
-        return [json.loads(x) for x in self.log.read_text().splitlines() if x.startswith("{")]
-
-    def head_processes(self) -> dict[str, int]:
-        kids = _children(self.proc.pid)
-        return {name: kids[name] for name in ("gcs_server", "raylet") if name in kids}
-
-
 @pytest.fixture(scope="module")
-def ray_server(tmp_path_factory):
-    """`python -m coolfusion.server` (= `coolfusion serve`) on config.yaml plus `backend: ray`."""
-    tmp = tmp_path_factory.mktemp("ray-serve")
-    data = yaml.safe_load((ROOT / "config.yaml").read_text())
-    data["backend"] = "ray"
-    assert "ray" not in data  # no address: the server starts its own Ray instance
-    cfg = tmp / "config.yaml"
-    cfg.write_text(yaml.safe_dump(data))
-    port = _free_port()
-    log = tmp / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "coolfusion.server", "--config", str(cfg), "--port", str(port)],
-                                cwd=tmp, stdout=subprocess.DEVNULL, stderr=err, env=env, start_new_session=True)
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
+def ray_server(request):
+    """The server the conftest started when the tests were collected (or a new one)."""
+    server = request.config.stash.get(RAY_SERVER, None) or ray_serve.start()
+    request.config.stash[RAY_SERVER] = None
     try:
-        deadline = time.monotonic() + 600
-        while server.first_200 is None:
-            assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "the server was not ready within 600 s"
-            try:
-                if httpx.get(server.url + "/health", timeout=5).status_code == 200:
-                    server.first_200 = time.monotonic()
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        server.wait_ready()
         yield server
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        server.stop()
 
 
-def _complete(server: Server) -> httpx.Response:
+def _complete(server: ray_serve.Server) -> httpx.Response:
     return httpx.post(server.url + "/v1/completions", timeout=120,
                       json={"model": COOL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0})
 
