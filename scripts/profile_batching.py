@@ -31,7 +31,7 @@ TIMELINE: list[tuple[str, float, float, int, int]] = []  # (runner, start, end, 
 
 
 def _record_forwards() -> None:
-    run = batch_scheduler.Runner._run
+    run = batch_scheduler.BatchScheduler._run
 
     def timed(self, batch):
         t0 = time.perf_counter()
@@ -39,7 +39,7 @@ def _record_forwards() -> None:
         TIMELINE.append((self._thread.name, t0, time.perf_counter(), len(batch),
                          sum(len(it.tokens) for it, _ in batch)))
 
-    batch_scheduler.Runner._run = timed
+    batch_scheduler.BatchScheduler._run = timed
 
 
 def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
