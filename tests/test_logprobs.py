@@ -18,7 +18,9 @@ import torch
 
 from coolfusion.config import ServerConfig
 from coolfusion.core.errors import InvalidRequest
+from coolfusion.core.selection import SelectionRequest
 from coolfusion.core.types import COOL, GenerationRequest
+from coolfusion.engine.alternatives import Alternatives
 from coolfusion.server.app import create_app
 from coolfusion.server.testing import serve_in_thread, sse_data
 
@@ -118,19 +120,61 @@ def test_out_of_range_token_ids_are_refused_naming_the_index(engine):
                               "(vocabulary size 49152)") and err.value.param == "prompt"
 
 
-def test_the_fused_alternative_is_the_token_the_fused_model_generates_after_the_prefix(engine):
+# a text the models partly continue themselves (counting) and partly do not, so that both
+# the known path and the fused step (matching the text and not) answer positions
+ALT_TEXT = "The capital of France is Paris. One, two, three, four, five, six"
+
+
+def definition(engine, prefix_ids: list[int], **kw) -> tuple[int, str]:
+    """The fused model's next token after a token-id prefix: a real max_tokens-1 generation."""
     ref = engine.workers[0]
-    ids = ref.text.tokenizer("The capital of France is").input_ids
-    _, got = entries(engine, prompt_ids=tuple(ids), model=COOL, max_tokens=0, echo=True, logprobs=1)
+    text, _ = engine.complete_text(GenerationRequest(prompt_ids=tuple(prefix_ids), model=COOL, max_tokens=1, **kw))
+    alt = ref.text.tokenizer(text, add_special_tokens=False).input_ids[0]
+    return alt, ref.text.tokenizer.decode([alt])
+
+
+@pytest.mark.parametrize("kw", [{}, {"selection": SelectionRequest(select="weighted", weights="auto")}],
+                         ids=["walk", "auto-weights"])
+def test_the_fused_alternative_is_the_token_the_fused_model_generates_after_the_prefix(engine, kw):
+    ref = engine.workers[0]
+    text = ALT_TEXT if not kw else "The capital of France is"  # auto weights: one request per position
+    ids = ref.text.tokenizer(text).input_ids
+    engine.alternatives = Alternatives()  # nothing kept from other tests: every path counted here
+    _, got = entries(engine, prompt_ids=tuple(ids), model=COOL, max_tokens=0, echo=True, logprobs=1, **kw)
     assert got[0].top is None
+    paths = engine.alternatives.paths
+    if kw:
+        assert set(paths) == {"request"}, paths
+    else:  # the paths this test must cover: known, and the step both with the text's token and without
+        assert paths["known"] > 0 and paths["step"] > 0 and set(paths) <= {"known", "step"}, paths
+        assert any(e.top[0][0] != e.token for e in got[1:]), "no position where the fused model leaves the text"
     for i in range(1, len(ids)):
         prefix = ref.text.tokenizer.decode(ids[:i])
-        text, _ = engine.complete_text(GenerationRequest(prompt_ids=tuple(ids[:i]), model=COOL, max_tokens=1))
-        alt = ref.text.tokenizer(text, add_special_tokens=False).input_ids[0]  # the fused model's next token
+        alt, token_text = definition(engine, ids[:i], **kw)
         (token, value), = got[i].top
-        assert token == ref.text.tokenizer.decode([alt]), i
+        assert token == token_text, (i, token, token_text)
         want = got[i].logprob if alt == ids[i] else fused_loglik(engine, prefix, token)
         assert abs(value - want) < TOL, i
+
+
+def test_alternatives_kept_by_prefix_serve_another_text_with_the_same_context(engine):
+    """A multiple-choice question's choices share their context: the second choice's context
+    positions are answered from the cache, and its first own position gets the value its
+    token needs even when the first choice left only the token (the known path)."""
+    ref = engine.workers[0]
+    engine.alternatives = Alternatives()
+    first = ref.text.tokenizer(ALT_TEXT).input_ids
+    other = ref.text.tokenizer(ALT_TEXT.rsplit(",", 1)[0] + ", ten").input_ids
+    n = next(i for i, (a, b) in enumerate(zip(first, other)) if a != b)
+    entries(engine, prompt_ids=tuple(first), model=COOL, max_tokens=0, echo=True, logprobs=1)
+    before = dict(engine.alternatives.paths)
+    _, got = entries(engine, prompt_ids=tuple(other), model=COOL, max_tokens=0, echo=True, logprobs=1)
+    assert engine.alternatives.paths["cached"] - before.get("cached", 0) >= n - 1
+    alt, token_text = definition(engine, other[:n])
+    (token, value), = got[n].top
+    assert token == token_text
+    want = got[n].logprob if alt == other[n] else fused_loglik(engine, ref.text.tokenizer.decode(other[:n]), token)
+    assert abs(value - want) < TOL
 
 
 @pytest.fixture(scope="module")
