@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import httpx
 import pytest
 import torch
 
 from coolfusion.config import ServerConfig
-from coolfusion.core.errors import InvalidRequest
+from coolfusion.core.errors import Cancelled, InvalidRequest
 from coolfusion.core.selection import SelectionRequest
 from coolfusion.core.types import COOL, GenerationRequest
 from coolfusion.engine.alternatives import Alternatives
@@ -147,6 +148,7 @@ def test_the_fused_alternative_is_the_token_the_fused_model_generates_after_the_
         assert set(paths) == {"request"}, paths
     else:  # the paths this test must cover: known, and the step both with the text's token and without
         assert paths["known"] > 0 and paths["step"] > 0 and set(paths) <= {"known", "step"}, paths
+        assert engine.alternatives.most_walks > 1  # the step positions were walked in runs at once (batched)
         assert any(e.top[0][0] != e.token for e in got[1:]), "no position where the fused model leaves the text"
     for i in range(1, len(ids)):
         prefix = ref.text.tokenizer.decode(ids[:i])
@@ -175,6 +177,40 @@ def test_alternatives_kept_by_prefix_serve_another_text_with_the_same_context(en
     assert token == token_text
     want = got[n].logprob if alt == other[n] else fused_loglik(engine, ref.text.tokenizer.decode(other[:n]), token)
     assert abs(value - want) < TOL
+
+
+class CancelAfter(threading.Event):
+    """A cancel event that sets itself at its n-th look (a client disconnecting mid-request)."""
+
+    def __init__(self, looks: int):
+        super().__init__()
+        self._left, self._count = looks, threading.Lock()
+
+    def is_set(self) -> bool:
+        with self._count:
+            self._left -= 1
+            if self._left <= 0:
+                self.set()
+        return super().is_set()
+
+
+def test_a_cancelled_request_stops_every_walk_of_its_alternatives_and_frees_their_kv_slots(engine):
+    ref = engine.workers[0]
+    ids = tuple(ref.text.tokenizer(ALT_TEXT).input_ids)
+    req = GenerationRequest(prompt_ids=ids, model=COOL, max_tokens=0, echo=True, logprobs=1)
+    items = lambda: sum(w.runner_stats()["items"] for w in engine.workers)  # noqa: E731
+    engine.alternatives = Alternatives()
+    before = items()
+    list(engine.generate(req))
+    whole = items() - before
+    engine.alternatives = Alternatives()
+    before = items()
+    with pytest.raises(Cancelled):  # cancelled after the known path's looks, once the walks run
+        list(engine.generate(req, CancelAfter(len(ids) + 2)))
+    assert engine.alternatives.most_walks > 1
+    assert items() - before < whole  # the walks stopped: fewer model calls than the whole request's
+    assert all(kv["slots_in_use"] == 0 for kv in engine.kv_report().values())  # every walk's states closed
+    assert set(engine.alternatives.paths) == {"known"}  # no step answered (the known ones are kept: they are right)
 
 
 @pytest.fixture(scope="module")

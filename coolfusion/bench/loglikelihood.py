@@ -31,7 +31,7 @@ from pathlib import Path
 
 from coolfusion.config import load_config
 from coolfusion.core.types import COOL, GenerationRequest
-from coolfusion.engine.alternatives import Alternatives
+from coolfusion.engine.alternatives import MAX_WALKS, Alternatives
 from coolfusion.engine.engine import Engine
 
 DATA = Path(__file__).resolve().parent.parent / "evaluation" / "data" / "lambada_test_public.jsonl"
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=76, help="reference tokens of the timed passage (default 76)")
     p.add_argument("--passages", type=int, default=0, help="also count the paths over the first N passages")
     p.add_argument("--check", action="store_true", help="compare each alternative with its max_tokens-1 generation")
+    p.add_argument("--walks", type=int, default=MAX_WALKS,
+                   help=f"runs of positions walked at once, at most (default {MAX_WALKS}; 1: one walk)")
     p.add_argument("--lm-eval", dest="lm_eval", default="", help="run lm-eval on these tasks instead (comma-separated)")
     p.add_argument("--limit", type=int, default=100, help="lm-eval: items per task (default 100)")
     p.add_argument("--models", default="", help="lm-eval: model ids (default: every source model and cool-fusion)")
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             score(eng, model, own, 0)  # warm-up: the first forwards of a shape are slow
             times = []
             for top in (0, 1):
-                eng.alternatives = Alternatives()  # every run from an empty cache
+                eng.alternatives = Alternatives(max_walks=args.walks)  # every run from an empty cache
                 seconds, got = score(eng, model, own, top)
                 times.append(seconds)
             print(f"| {model} | {times[0]:.1f} s | {times[1]:.1f} s |")

@@ -29,12 +29,19 @@ cheapest of four paths, all giving that same token:
   state (`score`, `nll_sum`), averaged: the request's definition, from a cached forward
   (float rounding: ~1e-6 off the full forward that the request would use).
 - **request**: the `max_tokens: 1` generation itself, for what the others do not cover:
-  the rerank ids, `weights: auto` (its weights depend on the prompt), a known segment whose first token is not the text's, and an odd cut (a
+  the rerank ids, `weights: auto` (its weights depend on the prompt), and an odd cut (a
   segment of no text that does not end the turn, a first token that is not the whole cut).
 
-A walk is one per Step: its states are closed before the Step is returned (or cancelled:
-`cancel` is checked before each fused step, so the request timeout and a disconnect stop
-it). `paths` counts how many positions each path answered (the benchmark prints the shares).
+The positions left to a step (or a request) are split into `walks(...)` contiguous runs,
+up to `MAX_WALKS` and bounded by the models' free KV slots; each run is walked in order by
+its own states in its own thread, so the decoding and scoring forwards of the runs meet in
+each model's batched forward (coolfusion.runtime.batched_runner) instead of following one
+another. A run's answers do not depend on which run walks them: a step's state holds exactly
+its prompt (and the greedy tokens known to follow it) whatever it held before. The states
+of every walk are closed before the Step is returned; `cancel` (the request timeout, a
+disconnect) is checked before each position of every run, and a failed run stops the others
+at their next position. `paths` counts how many positions each path answered (the
+benchmark prints the shares).
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter, OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from coolfusion.core import loop, output, selection
@@ -52,6 +61,7 @@ from coolfusion.engine.client import Checked
 from coolfusion.workers.protocol import Sampling, Worker
 
 MARGIN = 0.05  # nats between the top two log-probs below which a full forward's argmax is not trusted
+MAX_WALKS = 8  # runs of positions walked at once (each holds a KV slot of every model)
 LOOP_IDS = (COOL, COOL_NOALIGN)  # the fused ids whose answer is the fusion loop's first segment
 
 Alt = tuple[int, str, float | None]  # token id, its text, its value (None: not computed yet)
@@ -66,15 +76,29 @@ class Forward:
     rows: list
 
 
+@dataclass
+class _Pending:
+    """A position the full forwards do not answer: its `max_tokens: 1` request (resolved),
+    each model's prompt, and the greedy (token, log p) its rows show after it (a fused step
+    starts its decoding from those)."""
+
+    j: int
+    sub: GenerationRequest
+    prompts: list[list[int]]
+    greedy: list[list[tuple[int, float]]]
+
+
 class Alternatives:
     """The fused alternatives, kept by (model id, selection settings, prefix ids): greedy
     decoding gives the same token for the same prefix. Bounded (LRU)."""
 
-    def __init__(self, size: int = 4096):
+    def __init__(self, size: int = 4096, max_walks: int = MAX_WALKS):
         self._size = size
+        self.max_walks = max_walks  # runs of positions walked at once, at most (1: one walk after another)
         self._lock = threading.Lock()
         self._kept: OrderedDict[tuple, Alt | None] = OrderedDict()
         self.paths: Counter = Counter()  # positions answered per path: cached, known, step, request
+        self.most_walks = 0  # the most runs of positions one request walked at once (tests, benchmark)
 
     def _key(self, model: str, sel: SelectionRequest, prefix) -> tuple:
         return (model, repr(sel), tuple(prefix))
@@ -93,6 +117,10 @@ class Alternatives:
             while len(self._kept) > self._size:
                 self._kept.popitem(last=False)
 
+    def _count(self, path: str) -> None:
+        with self._lock:
+            self.paths[path] += 1
+
     def get(self, engine, model: str, prefix: tuple[int, ...], cancel,
             selection: SelectionRequest = SelectionRequest()) -> Alt | None:
         """The alternative after `prefix` from a `max_tokens: 1` generation (the definition)."""
@@ -110,34 +138,70 @@ class Alternatives:
     def at(self, engine, req: GenerationRequest, ids: list[int], positions: list[int],
            forwards: dict[str, Forward], cancel) -> dict[int, Alt | None]:
         """The alternative at each of `positions` (>= 1) of the reference tokens `ids`;
-        `forwards`: each model's full forward over the whole text (for the known path)."""
+        `forwards`: each model's full forward over the whole text (for the known path). The
+        positions left to a fused step are walked in `walks(...)` contiguous runs at once,
+        each by its own states in its own thread (their forwards meet in each model's batch)."""
         out: dict[int, Alt | None] = {}
-        todo = []
+        request = _Request(self, engine, req, cancel)
+        pending: list[_Pending] = []
         for j in positions:
             found, alt = self._lookup(self._key(req.model, req.selection, ids[:j]))
             if found and (alt is None or alt[0] == ids[j] or alt[2] is not None):
                 out[j] = alt
-                self.paths["cached"] += 1
+                self._count("cached")
+                continue
+            known = request.known(ids, j, forwards)
+            if isinstance(known, _Pending):
+                pending.append(known)
             else:
-                todo.append(j)
-        if not todo:
-            return out
-        walk = _Walk(self, engine, req, cancel)
-        try:
-            for j in todo:
-                path, alt = walk.alternative(ids, j, forwards)
-                self.paths[path] += 1
-                out[j] = alt
-                if path != "request":  # `get` keeps its own
-                    self._keep(self._key(req.model, req.selection, ids[:j]), alt)
-        finally:
-            walk.close()
+                out[j] = known
+                self._count("known")
+                self._keep(self._key(req.model, req.selection, ids[:j]), known)
+        k = walks(engine, len(pending), self.max_walks)
+        with self._lock:
+            self.most_walks = max(self.most_walks, k if pending else 0)
+        stop = threading.Event()  # a walk failed: the others stop at their next position
+
+        def walk(run_of: list[_Pending]) -> list[tuple[int, str, Alt | None]]:
+            w = _Walk(request)
+            try:
+                answers = []
+                for pos in run_of:
+                    if stop.is_set():
+                        break
+                    answers.append((pos.j, *w.alternative(ids, pos)))
+                return answers
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                w.close()
+
+        runs = [pending[i * len(pending) // k: (i + 1) * len(pending) // k] for i in range(k)]
+        with ThreadPoolExecutor(max_workers=k, thread_name_prefix="cf-alternatives") if k > 1 else nullcontext() as pool:
+            answered = loop.map_on(pool, walk, runs)
+        for j, path, alt in (a for answers in answered for a in answers):
+            self._count(path)
+            out[j] = alt
+            if path != "request":  # `get` keeps its own
+                self._keep(self._key(req.model, req.selection, ids[:j]), alt)
         return out
 
 
-class _Walk:
-    """One request's walk along its positions: the requests it would make, the known path's
-    check, and (opened at the first fused step) one state per model."""
+def walks(engine, n: int, most: int = MAX_WALKS) -> int:
+    """How many runs of positions to walk at once: one per position up to `most`, each
+    holding a KV slot of every model, leaving one slot free (for a request path's
+    generation or another request); one without batching (the forwards could not meet)."""
+    if n <= 1 or not engine.fusion.batching:
+        return 1
+    free = [kv["slots"] - kv["slots_in_use"] for kv in engine.kv_report().values()]
+    room = min(free) if free else engine.fusion.kv_slots // 2  # Ray actors do not report theirs
+    return max(1, min(most, n, room - 1))
+
+
+class _Request:
+    """What every walk of one request shares: its settings, the definition's requests, and
+    the known path's check."""
 
     def __init__(self, kept: Alternatives, engine, req: GenerationRequest, cancel):
         self.kept, self.engine, self.req, self.cancel = kept, engine, req, cancel
@@ -145,42 +209,31 @@ class _Walk:
         self.workers: list[Worker] = engine.participants(req.model)
         self.ref = self.workers[0]
         self.align = req.model == COOL
-        self.run: loop.Run | None = None
-
-    def close(self) -> None:
-        if self.run is not None:
-            self.run.close()
 
     def sub_request(self, prefix: list[int]) -> GenerationRequest:
         """The `max_tokens: 1` generation that defines the alternative after `prefix`."""
         return GenerationRequest(prompt_ids=tuple(prefix), model=self.req.model, max_tokens=1, temperature=0.0,
                                  logprobs=0, selection=self.req.selection)
 
-    def alternative(self, ids: list[int], j: int, forwards: dict[str, Forward]) -> tuple[str, Alt | None]:
+    def requested(self, prefix: list[int]) -> Alt | None:
+        return self.kept.get(self.engine, self.req.model, tuple(prefix), self.cancel, self.req.selection)
+
+    def known(self, ids: list[int], j: int, forwards: dict[str, Forward]) -> Alt | _Pending:
+        """The alternative at j when the full forwards show it (whichever proposal is
+        selected, its first token is the text's), else what a step or request needs."""
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("generation cancelled")
-        if self.req.model not in LOOP_IDS or self.sel is None:
-            return "request", self._requested(ids[:j])
         checked = self.engine.check(self.sub_request(ids[:j]))
         sub = checked.request
         prompts = [checked.prompt_ids[w.name] for w in self.workers]
-        known, greedy = self._known(prompts, forwards)
-        if known is not None:  # whichever proposal is selected, its first token is the text's
-            firsts = [self._first_token(sub, loop.RawStep(t, self.workers[0].name, False, ())) for t in known]
+        if self.req.model not in LOOP_IDS or self.sel is None:
+            return _Pending(j, sub, prompts, [[] for _ in self.workers])
+        texts, greedy = self._known(prompts, forwards)
+        if texts is not None:
+            firsts = [self.first_token(sub, loop.RawStep(t, self.ref.name, False, ())) for t in texts]
             if all(a is not None and a[0][0] == ids[j] for a in firsts):
-                return "known", (*firsts[0][0], None)
-        raw = self._step(prompts, greedy)
-        alt = self._first_token(sub, raw)
-        if alt is None:
-            return "request", self._requested(ids[:j])
-        (tid, text), g = alt
-        if tid == ids[j]:
-            return "step", (tid, text, None)
-        value = self._value(g, raw)
-        return ("step", (tid, text, value)) if value is not None else ("request", self._requested(ids[:j]))
-
-    def _requested(self, prefix: list[int]) -> Alt | None:
-        return self.kept.get(self.engine, self.req.model, tuple(prefix), self.cancel, self.req.selection)
+                return (*firsts[0][0], None)
+        return _Pending(j, sub, prompts, greedy)
 
     # ---- the known path ---------------------------------------------------------------------
 
@@ -219,19 +272,7 @@ class _Walk:
                 return None, greedy  # capped (left to the real step), or off the text: no row for what follows
         return None, greedy  # the text ended before the cut
 
-    # ---- the step path ----------------------------------------------------------------------
-
-    def _step(self, prompts: list[list[int]], greedy: list) -> loop.RawStep:
-        """One fused step after the prompts, from the walking states; each model's decoding
-        starts from the greedy tokens the full forward showed (`greedy`, as lookahead)."""
-        if self.run is None:
-            self.run = self.engine.run_over(self.workers, [w.open(p, Sampling()) for w, p in zip(self.workers, prompts)],
-                                            self.cancel, Stats(), self.sel, align=self.align)
-        for w, st, p, g in zip(self.workers, self.run.states, prompts, greedy):
-            w.rewind(st, p, g)
-        return loop.step(self.run)
-
-    def _first_token(self, sub: GenerationRequest, raw: loop.RawStep) -> tuple[tuple[int, str], str] | None:
+    def first_token(self, sub: GenerationRequest, raw: loop.RawStep) -> tuple[tuple[int, str], str] | None:
         """((id, text) of the first reference token the sub-request reports, its text G) after
         the segment `raw`, cut as `output.finish` cuts it at max_tokens 1; None when that is
         not one whole token (left to the request)."""
@@ -247,15 +288,58 @@ class _Walk:
             return None
         return (toks[0], self.ref.text.token_text(toks[0])), g
 
+
+class _Walk:
+    """One run of positions walked in order by one state per model (opened at its first
+    fused step), each position's proposals' tokens dropped at the next."""
+
+    def __init__(self, request: _Request):
+        self.request = request
+        self.run: loop.Run | None = None
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.close()
+
+    def alternative(self, ids: list[int], pos: _Pending) -> tuple[str, Alt | None]:
+        r = self.request
+        if r.cancel is not None and r.cancel.is_set():
+            raise Cancelled("generation cancelled")
+        if r.req.model not in LOOP_IDS or r.sel is None:
+            return "request", r.requested(ids[:pos.j])
+        raw = self._step(pos.prompts, pos.greedy)
+        alt = r.first_token(pos.sub, raw)
+        if alt is None:
+            return "request", r.requested(ids[:pos.j])
+        (tid, text), g = alt
+        if tid == ids[pos.j]:
+            return "step", (tid, text, None)
+        value = self._value(g, raw)
+        return ("step", (tid, text, value)) if value is not None else ("request", r.requested(ids[:pos.j]))
+
+    # ---- the step path ----------------------------------------------------------------------
+
+    def _step(self, prompts: list[list[int]], greedy: list) -> loop.RawStep:
+        """One fused step after the prompts, from the walking states; each model's decoding
+        starts from the greedy tokens the full forward showed (`greedy`, as lookahead)."""
+        r = self.request
+        if self.run is None:
+            self.run = r.engine.run_over(r.workers, [w.open(p, Sampling()) for w, p in zip(r.workers, prompts)],
+                                         r.cancel, Stats(), r.sel, align=r.align)
+        for w, st, p, g in zip(r.workers, self.run.states, prompts, greedy):
+            w.rewind(st, p, g)
+        return loop.step(self.run)
+
     def _value(self, g: str, raw: loop.RawStep) -> float | None:
         """The fused value of the alternative G (of the end token when G is empty: an ending):
         the mean over models of log P_v(T_v(G) | P_v), from the step's own scores when G is
         the whole winner and every model scored it, else scored from the walking states."""
+        workers = self.request.workers
         won = next((c for c in raw.candidates if g and (c.text, c.eos) == (g, False) and c.ppl
-                    and len(c.ppl) == len(self.workers)), None)
+                    and len(c.ppl) == len(workers)), None)
         if won is not None:
-            mean_nll = self.engine.fusion.score == "mean_nll"  # PPL = exp(mean NLL), else exp(sum)
-            nlls = [math.log(won.ppl[w.name]) * (len(w.text.encode(g)) if mean_nll else 1) for w in self.workers]
+            mean_nll = self.request.engine.fusion.score == "mean_nll"  # PPL = exp(mean NLL), else exp(sum)
+            nlls = [math.log(won.ppl[w.name]) * (len(w.text.encode(g)) if mean_nll else 1) for w in workers]
         else:
             def nll(w: Worker, st) -> float:
                 cand = (g, False) if g else ("", True)
