@@ -33,7 +33,7 @@ cheapest of four paths, all giving that same token:
   segment of no text that does not end the turn, a first token that is not the whole cut).
 
 The positions left to a step (or a request) are split into `walks(...)` contiguous runs,
-up to `MAX_WALKS` and bounded by the models' free KV slots; each run is walked in order by
+up to `MAX_WALKS` and at most half the models' free KV slots; each run is walked in order by
 its own states in its own thread, so the decoding and scoring forwards of the runs meet in
 each model's batched forward (coolfusion.runtime.batched_runner) instead of following one
 another. A run's answers do not depend on which run walks them: a step's state holds exactly
@@ -190,13 +190,14 @@ class Alternatives:
 
 def walks(engine, n: int, most: int = MAX_WALKS) -> int:
     """How many runs of positions to walk at once: one per position up to `most`, each
-    holding a KV slot of every model, leaving one slot free (for a request path's
-    generation or another request); one without batching (the forwards could not meet)."""
+    holding a KV slot of every model for as long as it walks, so at most half the slots free
+    now (the rest is left to other requests, which would wait for a slot); one without
+    batching (the forwards could not meet)."""
     if n <= 1 or not engine.fusion.batching:
         return 1
     free = [kv["slots"] - kv["slots_in_use"] for kv in engine.kv_report().values()]
-    room = min(free) if free else engine.fusion.kv_slots // 2  # Ray actors do not report theirs
-    return max(1, min(most, n, room - 1))
+    room = min(free) if free else engine.fusion.kv_slots  # Ray actors do not report theirs
+    return max(1, min(most, n, room // 2))
 
 
 class _Request:
