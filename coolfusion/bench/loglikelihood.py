@@ -8,7 +8,8 @@ one untimed warm-up request, each from an empty cache of alternatives; it prints
 the share of positions each path of coolfusion.engine.alternatives answered. `--passages N`
 adds the shares over the first N passages (each scored once with `logprobs: 1`);
 `--check` compares every alternative of the timed passage with the `max_tokens: 1`
-generation that defines it (slow: one generation per position).
+generation that defines it (slow: one generation per position); `--walks N` caps the runs of
+positions walked at once (1: one after another, to see what walking them at once gains).
 
 `--lm-eval TASKS` instead runs lm-evaluation-harness (`local-completions`, token-id requests
 in the tokenizer `coolfusion tokenizer` saves, as docs/logprobs.md shows) against a server

@@ -28,7 +28,8 @@ change its tokenization (`step`).
   holds exactly when the fused id, one token at a time, reproduces the text. The positions of
   a Step are answered together by `coolfusion.engine.alternatives` (kept by prefix; known
   from the full forwards below where every model's greedy proposal follows the text; else
-  one fused step from states that walk the sequence), so their cost is linear in the text.
+  one fused step from states that walk the sequence, several runs of positions at once), so
+  their cost is linear in the text.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class Likelihood:
         if last > sc.n_prompt:
             self._sent = max(self._sent, tok.ends[last - 1] - x)
         alts = {}
-        if self.fused and self.req.logprobs:  # every position of this Step in one walk
+        if self.fused and self.req.logprobs:  # every position of this Step at once
             alts = self.engine.alternatives.at(self.engine, self.req, tok.ids,
                                                [j for j in picked if sc.values[j] is not None], sc.forwards,
                                                self.cancel)
