@@ -144,6 +144,9 @@ def test_lm_eval_local_chat_completions_runs_against_the_server(base_url, tmp_pa
 
 
 MC_ITEMS, MC_CHOICES = 4, 3  # tests/lm_eval_tasks/coolfusion_mc.jsonl
+# lm-eval's (log-likelihood, is_greedy) per choice for cool-fusion, recorded on commit 9910363,
+# when each position's alternative was its own max_tokens-1 generation (issue 25)
+RECORDED_MC = ROOT / "tests" / "data" / "lm_eval_mc_cool_fusion.json"
 
 
 def _pairs(sample: dict) -> list[tuple[str, str]]:
@@ -175,6 +178,12 @@ def test_lm_eval_multiple_choice_log_likelihoods_run_on_each_model_id(base_url, 
 
     samples = [json.loads(x) for x in next(out.rglob("samples_coolfusion_mc_*.jsonl")).read_text().splitlines() if x]
     assert len(samples) == MC_ITEMS
+    if model_id == COOL:  # is_greedy comes from the fused alternatives: unchanged by how they are computed
+        got = [(ctx, cont, float(resp[0][0]), resp[0][1] in (True, "True"))
+               for s in samples for (ctx, cont), resp in zip(_pairs(s), s["resps"])]
+        want = [(r["context"], r["continuation"], r["loglikelihood"], r["is_greedy"])
+                for r in json.loads(RECORDED_MC.read_text())]
+        assert sorted(got) == sorted(want)
     checked = 0
     for s in samples:
         for (ctx, cont), resp in zip(_pairs(s), s["resps"]):

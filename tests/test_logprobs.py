@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 
 import httpx
 import pytest
 import torch
 
 from coolfusion.config import ServerConfig
-from coolfusion.core.errors import InvalidRequest
+from coolfusion.core.errors import Cancelled, InvalidRequest
+from coolfusion.core.selection import SelectionRequest
 from coolfusion.core.types import COOL, GenerationRequest
+from coolfusion.engine.alternatives import Alternatives
 from coolfusion.server.app import create_app
 from coolfusion.server.testing import serve_in_thread, sse_data
 
@@ -118,19 +121,96 @@ def test_out_of_range_token_ids_are_refused_naming_the_index(engine):
                               "(vocabulary size 49152)") and err.value.param == "prompt"
 
 
-def test_the_fused_alternative_is_the_token_the_fused_model_generates_after_the_prefix(engine):
+# a text the models partly continue themselves (counting) and partly do not, so that both
+# the known path and the fused step (matching the text and not) answer positions
+ALT_TEXT = "The capital of France is Paris. One, two, three, four, five, six"
+
+
+def definition(engine, prefix_ids: list[int], **kw) -> tuple[int, str]:
+    """The fused model's next token after a token-id prefix: a real max_tokens-1 generation."""
     ref = engine.workers[0]
-    ids = ref.text.tokenizer("The capital of France is").input_ids
-    _, got = entries(engine, prompt_ids=tuple(ids), model=COOL, max_tokens=0, echo=True, logprobs=1)
+    text, _ = engine.complete_text(GenerationRequest(prompt_ids=tuple(prefix_ids), model=COOL, max_tokens=1, **kw))
+    alt = ref.text.tokenizer(text, add_special_tokens=False).input_ids[0]
+    return alt, ref.text.tokenizer.decode([alt])
+
+
+@pytest.mark.parametrize("kw", [{}, {"selection": SelectionRequest(select="weighted", weights="auto")}],
+                         ids=["walk", "auto-weights"])
+def test_the_fused_alternative_is_the_token_the_fused_model_generates_after_the_prefix(engine, kw):
+    ref = engine.workers[0]
+    text = ALT_TEXT if not kw else "The capital of France is"  # auto weights: one request per position
+    ids = ref.text.tokenizer(text).input_ids
+    engine.alternatives = Alternatives()  # nothing kept from other tests: every path counted here
+    _, got = entries(engine, prompt_ids=tuple(ids), model=COOL, max_tokens=0, echo=True, logprobs=1, **kw)
     assert got[0].top is None
+    paths = engine.alternatives.paths
+    if kw:
+        assert set(paths) == {"request"}, paths
+    else:  # the paths this test must cover: known, and the step both with the text's token and without
+        assert paths["known"] > 0 and paths["step"] > 0 and set(paths) <= {"known", "step"}, paths
+        assert engine.alternatives.most_walks > 1  # the step positions were walked in runs at once (batched)
+        assert any(e.top[0][0] != e.token for e in got[1:]), "no position where the fused model leaves the text"
     for i in range(1, len(ids)):
         prefix = ref.text.tokenizer.decode(ids[:i])
-        text, _ = engine.complete_text(GenerationRequest(prompt_ids=tuple(ids[:i]), model=COOL, max_tokens=1))
-        alt = ref.text.tokenizer(text, add_special_tokens=False).input_ids[0]  # the fused model's next token
+        alt, token_text = definition(engine, ids[:i], **kw)
         (token, value), = got[i].top
-        assert token == ref.text.tokenizer.decode([alt]), i
+        assert token == token_text, (i, token, token_text)
         want = got[i].logprob if alt == ids[i] else fused_loglik(engine, prefix, token)
         assert abs(value - want) < TOL, i
+
+
+def test_alternatives_kept_by_prefix_serve_another_text_with_the_same_context(engine):
+    """A multiple-choice question's choices share their context: the second choice's context
+    positions are answered from the cache, and its first own position gets the value its
+    token needs even when the first choice left only the token (the known path)."""
+    ref = engine.workers[0]
+    engine.alternatives = Alternatives()
+    first = ref.text.tokenizer(ALT_TEXT).input_ids
+    other = ref.text.tokenizer(ALT_TEXT.rsplit(",", 1)[0] + ", ten").input_ids
+    n = next(i for i, (a, b) in enumerate(zip(first, other)) if a != b)
+    entries(engine, prompt_ids=tuple(first), model=COOL, max_tokens=0, echo=True, logprobs=1)
+    before = dict(engine.alternatives.paths)
+    _, got = entries(engine, prompt_ids=tuple(other), model=COOL, max_tokens=0, echo=True, logprobs=1)
+    assert engine.alternatives.paths["cached"] - before.get("cached", 0) >= n - 1
+    alt, token_text = definition(engine, other[:n])
+    (token, value), = got[n].top
+    assert token == token_text
+    want = got[n].logprob if alt == other[n] else fused_loglik(engine, ref.text.tokenizer.decode(other[:n]), token)
+    assert abs(value - want) < TOL
+
+
+class CancelAfter(threading.Event):
+    """A cancel event that sets itself at its n-th look (a client disconnecting mid-request)."""
+
+    def __init__(self, looks: int):
+        super().__init__()
+        self._left, self._count = looks, threading.Lock()
+
+    def is_set(self) -> bool:
+        with self._count:
+            self._left -= 1
+            if self._left <= 0:
+                self.set()
+        return super().is_set()
+
+
+def test_a_cancelled_request_stops_every_walk_of_its_alternatives_and_frees_their_kv_slots(engine):
+    ref = engine.workers[0]
+    ids = tuple(ref.text.tokenizer(ALT_TEXT).input_ids)
+    req = GenerationRequest(prompt_ids=ids, model=COOL, max_tokens=0, echo=True, logprobs=1)
+    items = lambda: sum(w.runner_stats()["items"] for w in engine.workers)  # noqa: E731
+    engine.alternatives = Alternatives()
+    before = items()
+    list(engine.generate(req))
+    whole = items() - before
+    engine.alternatives = Alternatives()
+    before = items()
+    with pytest.raises(Cancelled):  # cancelled after the known path's looks, once the walks run
+        list(engine.generate(req, CancelAfter(len(ids) + 2)))
+    assert engine.alternatives.most_walks > 1
+    assert items() - before < whole  # the walks stopped: fewer model calls than the whole request's
+    assert all(kv["slots_in_use"] == 0 for kv in engine.kv_report().values())  # every walk's states closed
+    assert set(engine.alternatives.paths) == {"known"}  # no step answered (the known ones are kept: they are right)
 
 
 @pytest.fixture(scope="module")

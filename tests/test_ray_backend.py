@@ -185,6 +185,26 @@ def test_killing_an_actor_mid_request_fails_it_with_503_and_the_next_request_suc
 
 
 @needs_ray
+def test_fused_alternatives_walk_states_on_the_actors_and_equal_the_local_ones(engine, ray_engine):
+    """`logprobs: 1` on a fused id walks one state per model on the actors (`rewind` crosses
+    the actor seam) and reports the local engine's alternatives; every walk's state is closed."""
+    from coolfusion.core.types import COOL
+    from coolfusion.engine.alternatives import Alternatives
+
+    ids = tuple(engine.workers[0].text.encode("The capital of France is Paris. One, two, three, four", special=True))
+    req = GenerationRequest(prompt_ids=ids, model=COOL, max_tokens=0, echo=True, logprobs=1)
+    got = []
+    for eng in (engine, ray_engine):
+        eng.alternatives = Alternatives()
+        got.append([e for s in eng.generate(req) for e in s.logprobs])
+    local, remote = got
+    assert ray_engine.alternatives.paths["step"] > 0 and ray_engine.alternatives.most_walks > 1
+    assert [e.top and e.top[0][0] for e in remote] == [e.top and e.top[0][0] for e in local]
+    assert all(math.isclose(a.top[0][1], b.top[0][1], abs_tol=1e-4) for a, b in zip(remote[1:], local[1:]))
+    assert all(w.open_requests() == 0 for w in ray_engine.workers)
+
+
+@needs_ray
 def test_speculative_proposals_on_ray_give_the_local_plain_text(engine, ray_engine):
     """The check of a draft crosses the actor seam (`check_draft`): the text is the plain one."""
     from dataclasses import replace

@@ -16,4 +16,4 @@ MAX_CHOICES = 64  # prompts x n in one HTTP request
 ROLES = ("system", "user", "assistant")  # roles the engine renders (the API maps developer -> system)
 MAX_LOGPROBS = 5  # top alternatives per token on /v1/completions (OpenAI's legacy limit)
 MAX_TOP_LOGPROBS = 20  # top alternatives per token on /v1/chat/completions (OpenAI's limit)
-MAX_FUSED_LOGPROBS = 1  # for the fused ids: each alternative costs one fused generation (coolfusion.engine.likelihood)
+MAX_FUSED_LOGPROBS = 1  # for the fused ids: each alternative may cost a fused step (coolfusion.engine.alternatives)

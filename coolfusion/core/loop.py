@@ -150,22 +150,32 @@ def commit(run: Run, winner: Candidate) -> None:
     _timed(run, "commit", lambda w, s: w.commit(s, winner.text, winner.eos))
 
 
+def step(run: Run) -> RawStep:
+    """One fused step from the states as they are: propose (with a draft when speculating),
+    assess, select; nothing committed (`end` is "eos" when the winner ends the turn). The
+    fused top alternative of a prefix (coolfusion.engine.alternatives) is this step's first
+    token."""
+    proposals, speculation = propose_step(run)
+    cands = assess(run, proposals)
+    win = select(cands)
+    run.stats.steps += 1
+    run.stats.agreed += len(cands) == 1
+    end_id = proposals[[w.name for w in run.workers].index(win.proposed_by[0])].end_id if win.eos else None
+    if run.drafting is not None:
+        run.drafting.last_winner = win.proposed_by[0]
+    return RawStep(win.text, win.proposed_by[0], win.eos, tuple(cands), "eos" if win.eos else None, end_id,
+                   speculation)
+
+
 def segments(run: Run):
     """Yield RawSteps until one carries an `end` (the engine may stop earlier on budget/stop)."""
     while True:
-        proposals, speculation = propose_step(run)
-        cands = assess(run, proposals)
-        win = select(cands)
-        run.stats.steps += 1
-        run.stats.agreed += len(cands) == 1
-        if not win.eos:
-            commit(run, win)
-        end = "eos" if win.eos else "context_full" if run.context_full() else None
-        end_id = proposals[[w.name for w in run.workers].index(win.proposed_by[0])].end_id if win.eos else None
-        if run.drafting is not None:
-            run.drafting.last_winner = win.proposed_by[0]
-        yield RawStep(win.text, win.proposed_by[0], win.eos, tuple(cands), end, end_id, speculation)
-        if end is not None:
+        raw = step(run)
+        if not raw.eos:
+            commit(run, Candidate(raw.text, (raw.winner,), False))
+            raw.end = "context_full" if run.context_full() else None
+        yield raw
+        if raw.end is not None:
             return
 
 

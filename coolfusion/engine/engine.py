@@ -21,7 +21,7 @@ from dataclasses import replace
 from typing import Iterator, Sequence
 
 from coolfusion.core import chat
-from coolfusion.engine import likelihood
+from coolfusion.engine import alternatives, likelihood
 from coolfusion.core import loop
 from coolfusion.core import output
 from coolfusion.core import selection
@@ -74,7 +74,7 @@ class Engine:
             if self.fusion.parallel and self.fusion.fast_paths and len(workers) > 1 else None
         self._active = 0
         self._active_lock = threading.Lock()
-        self.alternatives = likelihood.Alternatives()  # the fused ids' top alternatives, by prefix
+        self.alternatives = alternatives.Alternatives()  # the fused ids' top alternatives, by prefix
         self._fastest_first: tuple[str, ...] | None = None  # drafter order (coolfusion.core.speculation)
 
     # ---- construction ----------------------------------------------------------------------
@@ -304,16 +304,22 @@ class Engine:
     def _open(self, workers, checked: Checked, cancel, stats, runs, sel, *, align=True) -> loop.Run:
         req = checked.request
         ids = checked.prompt_ids if all(w.name in checked.prompt_ids for w in workers) else self._all_prompt_ids(checked)
-        states, ends = [], []
+        states = []
         for i, w in enumerate(workers):
             seed = None if req.seed is None else req.seed + 1000 * i
             states.append(w.open(ids[w.name], Sampling(req.temperature, req.top_p, seed)))
-            ends.append(w.text.chat_end if req.messages is not None else w.text.primary_end)
-        run = loop.Run(workers, states, ends, self._pool, cancel, self.fusion.max_segment_tokens, stats,
-                       score_mode=self.fusion.score, selection=sel, align=align, fast=self.fusion.fast_paths,
-                       drafting=self._drafting(req, workers))
+        run = self.run_over(workers, states, cancel, stats, sel, align=align, chat=req.messages is not None,
+                            drafting=self._drafting(req, workers))
         runs.append(run)
         return run
+
+    def run_over(self, workers, states, cancel, stats, sel, *, align=True, chat=False,
+                 drafting: speculation.Drafting | None = None) -> loop.Run:
+        """The fusion loop's view of opened states (one per worker), with this engine's settings."""
+        ends = [w.text.chat_end if chat else w.text.primary_end for w in workers]
+        return loop.Run(workers, states, ends, self._pool, cancel, self.fusion.max_segment_tokens, stats,
+                        score_mode=self.fusion.score, selection=sel, align=align, fast=self.fusion.fast_paths,
+                        drafting=drafting)
 
     def _drafting(self, req: GenerationRequest, workers) -> speculation.Drafting | None:
         """Speculative proposals for this request (coolfusion.core.speculation), or None: only

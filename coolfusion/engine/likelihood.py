@@ -25,19 +25,19 @@ change its tokenization (`step`).
   tokens[:i] (as a token-id prompt) greedily with max_tokens 1, with the
   value such a request reports for its generated token; if it is the token at position i,
   that token's own value there. So lm-eval's greedy check (token value == best alternative's)
-  holds exactly when the fused id, one token at a time, reproduces the text. It costs one
-  fused generation per reported position; results are kept by prefix (`Alternatives`), so the
-  choices of one multiple-choice question share their context's.
+  holds exactly when the fused id, one token at a time, reproduces the text. The positions of
+  a Step are answered together by `coolfusion.engine.alternatives` (kept by prefix; known
+  from the full forwards below where every model's greedy proposal follows the text; else
+  one fused step from states that walk the sequence, several runs of positions at once), so
+  their cost is linear in the text.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from coolfusion.engine.alternatives import Alt, Forward
 from coolfusion.runtime import logprobs
-from coolfusion.core.selection import SelectionRequest
 from coolfusion.core.types import VARIANTS, GenerationRequest, TokenLogprob
 from coolfusion.workers.protocol import Worker
 
@@ -61,34 +61,7 @@ class _Scored:
     tops: list[tuple[tuple[int, float], ...]]  # source-model ids: from the same forward
     n_prompt: int  # leading tokens that are the prompt's (0 for chat: not reported)
     eos: bool  # the last token is the end token
-
-
-class Alternatives:
-    """The fused alternative after a prefix, kept by (model id, selection settings, prefix
-    ids): greedy decoding gives the same token for the same prefix, so it is computed once.
-    Bounded (LRU)."""
-
-    def __init__(self, size: int = 4096):
-        self._size = size
-        self._lock = threading.Lock()
-        self._kept: OrderedDict[tuple, tuple[int, str, float] | None] = OrderedDict()
-
-    def get(self, engine, model: str, prefix: tuple[int, ...], cancel,
-            selection: SelectionRequest = SelectionRequest()) -> tuple[int, str, float] | None:
-        key = (model, repr(selection), prefix)
-        with self._lock:
-            if key in self._kept:
-                self._kept.move_to_end(key)
-                return self._kept[key]
-        sub = GenerationRequest(prompt_ids=prefix, model=model, max_tokens=1, temperature=0.0, logprobs=0,
-                                selection=selection)  # the request's own rule chooses, as it would
-        first = next((e for step in engine.generate(sub, cancel) for e in step.logprobs), None)
-        alt = None if first is None else (first.token_id, first.token, first.logprob)
-        with self._lock:
-            self._kept[key] = alt
-            while len(self._kept) > self._size:
-                self._kept.popitem(last=False)
-        return alt
+    forwards: dict[str, Forward] = field(default_factory=dict)  # fused, logprobs >= 1: each model's rows
 
 
 class Likelihood:
@@ -137,21 +110,25 @@ class Likelihood:
         self._first = False
         if last > sc.n_prompt:
             self._sent = max(self._sent, tok.ends[last - 1] - x)
+        alts = {}
+        if self.fused and self.req.logprobs:  # every position of this Step at once
+            alts = self.engine.alternatives.at(self.engine, self.req, tok.ids,
+                                               [j for j in picked if sc.values[j] is not None], sc.forwards,
+                                               self.cancel)
         out = []
         for j in picked:
             text = self.ref.text.token_text(tok.ids[j])
-            out.append(TokenLogprob(text, sc.values[j], tok.starts[j] - base, self._top(sc, j), tok.ids[j]))
+            out.append(TokenLogprob(text, sc.values[j], tok.starts[j] - base, self._top(sc, j, alts), tok.ids[j]))
         return tuple(out)
 
-    def _top(self, sc: _Scored, j: int) -> tuple[tuple[str, float], ...] | None:
+    def _top(self, sc: _Scored, j: int, alts: dict[int, Alt | None]) -> tuple[tuple[str, float], ...] | None:
         if sc.values[j] is None:
             return None  # the first token: no distribution to rank
         if not self.req.logprobs:
             return ()
         if not self.fused:
             return tuple((self.ref.text.token_text(t), v) for t, v in sc.tops[j])
-        alt = self.engine.alternatives.get(self.engine, self.req.model, tuple(sc.tokens.ids[:j]), self.cancel,
-                                           self.req.selection)
+        alt = alts[j]
         if alt is None:
             return ()
         tid, text, value = alt
@@ -184,18 +161,22 @@ class Likelihood:
                            len(self._prompts[self.ref.name].ids), eos)
         ref_tok = self._tokens(self.ref, g, self._end_token(self.ref) if eos else None)
         ref_ends = ref_tok.ends[: len(ref_tok.ends) - eos]  # the end token's value is assigned apart
+        top = 2 if self.req.logprobs else 0  # the top two: each model's argmax and its margin (alternatives)
         per = self.engine.each_worker(
-            lambda w: self._model_values(w, g, self._end_token(w) if eos else None, ref_ends), self.workers)
-        values: list[float | None] = logprobs.mean(per)
+            lambda w: self._model_values(w, g, self._end_token(w) if eos else None, ref_ends, top), self.workers)
+        values: list[float | None] = logprobs.mean([v for v, _ in per])
         values[0] = None  # the text's first token has no context (OpenAI's null)
-        return _Scored(ref_tok, values, [()] * len(values), len(self._prompts[self.ref.name].ids), eos)
+        forwards = {w.name: f for w, (_, f) in zip(self.workers, per)} if top else {}
+        return _Scored(ref_tok, values, [()] * len(values), len(self._prompts[self.ref.name].ids), eos, forwards)
 
-    def _model_values(self, w: Worker, g: str, end: int | None, ref_ends: list[int]) -> list[float]:
+    def _model_values(self, w: Worker, g: str, end: int | None, ref_ends: list[int],
+                      top: int = 0) -> tuple[list[float], Forward]:
         """Model w's log-probs of its tokens, summed per reference token (`ref_ends`: where each
-        of prompt + G ends; the end token's to the reference's end token)."""
+        of prompt + G ends; the end token's to the reference's end token), and its forward."""
         tok = self._tokens(w, g, end)
-        vals = [None] + [r[0] for r in w.sequence_logprobs(tok.ids, 0)]
+        rows = w.sequence_logprobs(tok.ids, top)
+        vals = [None] + [r[0] for r in rows]
         n = len(tok.ids) - (end is not None)
         out = logprobs.assign(ref_ends, tok.ends[:n], vals[:n])
-        return out + ([vals[-1]] if end is not None else [])
+        return out + ([vals[-1]] if end is not None else []), Forward(tok.ids, rows)
 

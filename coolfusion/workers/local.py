@@ -17,7 +17,6 @@ The cache is never rebuilt from scratch after `open`:
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field, replace
 
 
@@ -28,7 +27,7 @@ from coolfusion.runtime import sampling as sampling_ops
 from coolfusion.runtime.runner import Runner, make_runner
 from coolfusion.runtime import draft_check
 from coolfusion.workers.tokenizer_side import TokenizerSide, end_tokens
-from coolfusion.core.words import REPLACEMENT, first_boundary
+from coolfusion.core.words import REPLACEMENT
 from coolfusion.workers.protocol import Proposal, Sampling, WorkerOptions
 
 
@@ -201,8 +200,7 @@ class LocalWorker:
         logps = list(st.la_logprobs)
         ends: list[int | None] = []  # char length of decode(toks[:i+1]) when complete
         for i in range(len(toks)):
-            t = self.text.decode(toks[: i + 1])
-            ends.append(None if t.endswith(REPLACEMENT) else len(t))
+            ends.append(self.text.decoded_end(toks[: i + 1]))
         prop = self._cut(toks, logps, ends, splitters)
         checked = None
         if prop is None and draft is not None:  # the lookahead alone has no cut: check the draft
@@ -223,8 +221,7 @@ class LocalWorker:
             toks.append(tok)
             logps.append(lp)
             st.ids.append(tok)
-            t = self.text.decode(toks)
-            ends.append(None if t.endswith(REPLACEMENT) else len(t))
+            ends.append(self.text.decoded_end(toks))
             prop = self._cut(toks, logps, ends, splitters)
             if prop is None and len(toks) >= max_tokens:
                 n = max((i + 1 for i, e in enumerate(ends) if e is not None), default=0)
@@ -251,16 +248,11 @@ class LocalWorker:
         return replace(prop, checked=checked.fed, accepted=len(checked.tokens))
 
     def _cut(self, toks, logps, ends, splitters) -> Proposal | None:
-        if not toks or ends[-1] is None:
+        found = self.text.first_cut(toks, ends, splitters)
+        if found is None:
             return None
-        text = self.text.decode(toks)
-        t = time.perf_counter()
-        p = first_boundary(text, splitters, allowed={e for e in ends if e is not None})
-        self.text.tok_seconds += time.perf_counter() - t
-        if p is None:
-            return None
-        n = next(i + 1 for i, e in enumerate(ends) if e == p)
-        return Proposal(text[:p], False, n, logps[:n], False, _starts(ends[:n]))
+        text, n = found
+        return Proposal(text, False, n, logps[:n], False, _starts(ends[:n]))
 
     def _candidate_ids(self, st: State, text: str, eos: bool, end_id: int) -> tuple[list[int], int]:
         """The model's full token sequence after committing `text` (plus its end token when
@@ -375,6 +367,30 @@ class LocalWorker:
         if not self.fast:  # no KV reuse: the next call re-prefills everything
             self.runner.crop(st.cache, 0)
             st.kv_len, st.logits = 0, None
+
+    def rewind(self, st: State, prompt_ids: list[int], greedy: Sequence[tuple[int, float]] = ()) -> None:
+        """Make `st` what `open(prompt_ids)` would give, keeping the KV entries of the longest
+        common prefix of what it holds (the rest is fed lazily, once), and as lookahead the
+        tokens greedy decoding would give first: those it decoded after its last prompt when
+        they go on from the new one, else `greedy` ((token, log p) known by the caller). The
+        fused alternatives walk one state per model along a sequence this way
+        (coolfusion.engine.alternatives)."""
+        prompt_ids = list(prompt_ids)
+        n, old, held = len(prompt_ids), st.committed_len, st.ids[: st.kv_len]
+        kept = len(st.ids) - n if not st.g_ids and old <= n <= len(st.ids) and st.ids[:n] == prompt_ids else 0
+        if st.temperature <= 0 and kept >= len(greedy) and kept > 0:
+            st.la_logprobs = st.la_logprobs[n - old:]  # its own lookahead beyond the new prompt
+        else:
+            st.ids = prompt_ids + [t for t, _ in greedy]
+            st.la_logprobs = [lp for _, lp in greedy]
+        keep = common_prefix(held, st.ids)
+        self.runner.crop(st.cache, keep)
+        if keep < len(held):
+            st.logits = None  # they were the logits after all that was held
+        st.prompt_ids, st.kv_len = prompt_ids, keep
+        st.g_text, st.g_ids, st.g_starts = "", [], []
+        st.proposal, st.checked = None, None
+        st.blocks.clear()
 
     def fresh_logits(self, st: State):
         """Next-token logits from a fresh prefill of `ids` without any cache (for tests)."""

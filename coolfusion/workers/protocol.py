@@ -6,6 +6,7 @@ A worker serves one source model to many requests. Per request it holds an opaqu
     open(prompt_ids, sampling) -> state      propose(state, align, max_tokens) -> Proposal
     score(state, candidates) -> PPLs        commit(state, text, eos)        close(state)
     check_draft(state, draft, align, max_tokens) -> Proposal   (speculative proposals, greedy)
+    rewind(state, prompt_ids, greedy) -> None    (greedy: the state `open(prompt_ids)` gives)
 
 plus what the loop and the engine read: `seq_len(state)` (tokens the model holds for the
 request, lookahead included: the context check), `unavailable` (why it cannot serve now, or None), and `shutdown()`; and, outside any
@@ -89,6 +90,11 @@ class Worker(Protocol):
               mode: str = "mean_nll") -> list[float]: ...
 
     def commit(self, state: Any, text: str, eos: bool = False) -> None: ...
+
+    # greedy only: make the state what open(prompt_ids) gives, keeping the KV entries it shares
+    # with it, with `greedy` ((token, log p) its decoding gives first, known to the caller) as
+    # lookahead; the fused alternatives walk one state per model along a text this way
+    def rewind(self, state: Any, prompt_ids: list[int], greedy: Sequence[tuple[int, float]] = ()) -> None: ...
 
     def close(self, state: Any) -> None: ...  # frees the request's KV storage; never raises
 

@@ -117,6 +117,11 @@ class ModelActor:
         self.worker.commit(self._state(rid), text, eos)
         return self._reply(rid, None, t0)
 
+    def rewind(self, rid: int, prompt_ids: list[int], greedy: list[tuple[int, float]]) -> Reply:
+        t0 = time.perf_counter()
+        self.worker.rewind(self._state(rid), prompt_ids, greedy)
+        return self._reply(rid, None, t0)
+
     def close(self, rid: int) -> None:
         st = self.states.pop(rid, None)
         if st is not None:

@@ -257,6 +257,9 @@ class RayWorker:
     def commit(self, st: RemoteState, text: str, eos: bool = False) -> None:
         self._call("commit", st.rid, text, eos, st=st)
 
+    def rewind(self, st: RemoteState, prompt_ids: list[int], greedy: Sequence[tuple[int, float]] = ()) -> None:
+        self._call("rewind", st.rid, list(prompt_ids), list(greedy), st=st)
+
     def close(self, st: RemoteState) -> None:
         """Free the request's KV cache on the actor. Never raises (it runs in `finally`)."""
         if st.closed:

@@ -11,7 +11,7 @@ import time
 from typing import Sequence
 
 from coolfusion.core.errors import InvalidRequest
-from coolfusion.core.words import REPLACEMENT, WordStarts
+from coolfusion.core.words import REPLACEMENT, WordStarts, first_boundary
 
 
 def end_tokens(name: str, tokenizer, generation_config=None, stop_tokens: Sequence[str] = ()) -> tuple[list[int], list[int]]:
@@ -91,6 +91,25 @@ class TokenizerSide:
     def token_text(self, tid: int) -> str:
         """One token alone, as text (a special token as its name; a piece of a character as U+FFFD)."""
         return self._backend.decode([tid], skip_special_tokens=False)
+
+    def decoded_end(self, ids: list[int]) -> int | None:
+        """The char length of decode(ids), None while it ends inside a character."""
+        text = self.decode(ids)
+        return None if text.endswith(REPLACEMENT) else len(text)
+
+    def first_cut(self, ids: list[int], ends: list[int | None], splitters: Sequence[WordStarts]) -> tuple[str, int] | None:
+        """Where a proposal of the decoded tokens `ids` ends (`ends`: `decoded_end` after
+        each): (its text, its token count) at the first word boundary common to `splitters`
+        that is one of its own token ends; None while there is none."""
+        if not ids or ends[-1] is None:
+            return None
+        whole = self.decode(ids)
+        t = time.perf_counter()
+        p = first_boundary(whole, splitters, allowed={e for e in ends if e is not None})
+        self.tok_seconds += time.perf_counter() - t
+        if p is None:
+            return None
+        return whole[:p], next(i + 1 for i, e in enumerate(ends) if e == p)
 
     def retokenize_tail(self, g_text: str, g_ids: list[int], g_starts: list[int], text: str,
                         *, fast: bool = True) -> tuple[int, list[int], list[int]]:
