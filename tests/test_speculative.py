@@ -25,7 +25,7 @@ PROMPTS = [
     "中国的首都是", "東京は日本の", "Москва — столица", "The price is 3.50 € or £2.99, i.e.",
     "Emoji test: 🎉 party 🎂 cake and", "1, 2, 3, 5, 8, 13,",
 ]
-STEPS = 4
+STEPS = 3  # per prompt: the first step (no lookahead yet) and two that start from the last step's lookahead
 
 
 def _lockstep(engine, prompt: str, model: str, drafter: str):
