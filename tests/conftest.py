@@ -11,31 +11,55 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "config.yaml"
 
 
-RAY_SERVER = pytest.StashKey()  # tests/ray_serve.py's server, started early (below)
+class EarlyRayServer:
+    """The server of tests/test_ray_lifetime.py (tests/ray_serve.py), started before its
+    module runs: its start and the 90 s its first test waits after /health first answers 200
+    then pass while the other tests run, instead of as an idle wait of their own. It starts
+    once the first real engine has loaded (the `engine` fixture), so that it reads the model
+    caches that load built instead of converting the models a second time beside it."""
+
+    def __init__(self):
+        self.wanted = False  # set when test_ray_lifetime.py is among the tests to run
+        self.server = None
+
+    def start_if_wanted(self) -> None:
+        if self.wanted and self.server is None:
+            import ray_serve
+
+            self.server = ray_serve.start()
+
+    def take(self):
+        """The early server, or a new one (the module run alone); from now on none starts early."""
+        import ray_serve
+
+        server, self.server, self.wanted = self.server or ray_serve.start(), None, False
+        return server
+
+    def stop(self) -> None:
+        if self.server is not None:  # its module never ran (deselected by -x, interrupted)
+            self.server.stop()
+            self.server = None
+
+
+RAY_SERVER = pytest.StashKey[EarlyRayServer]()
 
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    config.stash[RAY_SERVER] = EarlyRayServer()
 
 
 def pytest_collection_finish(session):
-    """When tests/test_ray_lifetime.py is among the tests to run, start its server now: its
-    start and the 90 s its first test waits after /health first answers 200 then pass while
-    the other tests run, instead of as an idle wait of their own."""
     import importlib.util
 
     if importlib.util.find_spec("ray") is None or session.config.option.collectonly:
         return
     if any(item.path.name == "test_ray_lifetime.py" for item in session.items):
-        import ray_serve
-
-        session.config.stash[RAY_SERVER] = ray_serve.start()
+        session.config.stash[RAY_SERVER].wanted = True
 
 
 def pytest_sessionfinish(session):
-    server = session.config.stash.get(RAY_SERVER, None)
-    if server is not None:  # its module never ran (deselected by -x, interrupted)
-        server.stop()
+    session.config.stash[RAY_SERVER].stop()
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +70,13 @@ def config():
 
 
 @pytest.fixture(scope="session")
-def engine(config):
+def engine(config, request):
     """The real engine on the two embedded models (SmolLM2-135M-Instruct + Gemma 3 270M)."""
     from coolfusion.engine.engine import Engine
 
-    return Engine.from_config(config)
+    engine = Engine.from_config(config)
+    request.config.stash[RAY_SERVER].start_if_wanted()  # the caches are built now
+    return engine
 
 
 @pytest.fixture(scope="session")

@@ -3,10 +3,10 @@
 user runs it, in its own process group.
 
 `start()` returns at once; a thread notes when /health first answers 200. The conftest
-starts it when the session's tests are collected, so the 90 s that the lifetime test must
-wait after that moment pass while the rest of the suite runs; the test's fixture takes it
-over (or starts one itself when run alone), and `stop()` ends it at the latest when the
-session does.
+(`EarlyRayServer`) starts it once the session's first real engine has loaded, so the 90 s
+that the lifetime test must wait after that moment pass while the rest of the suite runs;
+the test's fixture takes it over (or starts one itself when run alone), and `stop()` ends it
+at the latest when the session does.
 """
 
 from __future__ import annotations

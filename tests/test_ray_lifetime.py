@@ -3,8 +3,8 @@ subprocess): the Ray instance it starts itself lives as long as the server (issu
 with the loader thread, and Ray ended the server 60 s later), and when its head is killed the
 server stays up, answering 503 `engine_not_ready` with the reason (coolfusion/workers/ray_cluster.py).
 
-One server serves both tests (the kill test last). The conftest starts it as soon as the
-tests are collected (tests/ray_serve.py), so its start and the 90 s the first test waits
+One server serves both tests (the kill test last). The conftest starts it once the first
+real engine of the session has loaded (tests/ray_serve.py), so its start and the 90 s the first test waits
 after /health first answers 200 pass while the other tests run; the 70 s the second waits
 after the kill (past the 60 s after which Ray's driver would end the process) remain. Run
 alone, the module takes four to five minutes on a 2-core machine. Marked slow
@@ -40,9 +40,8 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def ray_server(request):
-    """The server the conftest started when the tests were collected (or a new one)."""
-    server = request.config.stash.get(RAY_SERVER, None) or ray_serve.start()
-    request.config.stash[RAY_SERVER] = None
+    """The server the conftest started early (conftest.EarlyRayServer), or a new one."""
+    server = request.config.stash[RAY_SERVER].take()
     try:
         server.wait_ready()
         yield server
