@@ -128,8 +128,7 @@ class Alternatives:
         found, alt = self._lookup(key)
         if found and (alt is None or alt[2] is not None):
             return alt
-        sub = GenerationRequest(prompt_ids=tuple(prefix), model=model, max_tokens=1, temperature=0.0, logprobs=0,
-                                selection=selection)  # the request's own rule chooses, as it would
+        sub = definition(model, prefix, selection)
         first = next((e for step in engine.generate(sub, cancel) for e in step.logprobs), None)
         alt = None if first is None else (first.token_id, first.token, first.logprob)
         self._keep(key, alt)
@@ -188,6 +187,13 @@ class Alternatives:
         return out
 
 
+def definition(model: str, prefix, selection: SelectionRequest) -> GenerationRequest:
+    """The `max_tokens: 1` generation that defines the alternative after `prefix` (the
+    request's own selection rule chooses, as it would)."""
+    return GenerationRequest(prompt_ids=tuple(prefix), model=model, max_tokens=1, temperature=0.0, logprobs=0,
+                             selection=selection)
+
+
 def walks(engine, n: int, most: int = MAX_WALKS) -> int:
     """How many runs of positions to walk at once: one per position up to `most`, each
     holding a KV slot of every model for as long as it walks, so at most half the slots free
@@ -211,11 +217,6 @@ class _Request:
         self.ref = self.workers[0]
         self.align = req.model == COOL
 
-    def sub_request(self, prefix: list[int]) -> GenerationRequest:
-        """The `max_tokens: 1` generation that defines the alternative after `prefix`."""
-        return GenerationRequest(prompt_ids=tuple(prefix), model=self.req.model, max_tokens=1, temperature=0.0,
-                                 logprobs=0, selection=self.req.selection)
-
     def requested(self, prefix: list[int]) -> Alt | None:
         return self.kept.get(self.engine, self.req.model, tuple(prefix), self.cancel, self.req.selection)
 
@@ -224,7 +225,7 @@ class _Request:
         selected, its first token is the text's), else what a step or request needs."""
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("generation cancelled")
-        checked = self.engine.check(self.sub_request(ids[:j]))
+        checked = self.engine.check(definition(self.req.model, ids[:j], self.req.selection))
         sub = checked.request
         prompts = [checked.prompt_ids[w.name] for w in self.workers]
         if self.req.model not in LOOP_IDS or self.sel is None:

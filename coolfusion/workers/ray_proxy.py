@@ -273,7 +273,7 @@ class RayWorker:
             with self._lock:
                 self._closing.append(ref)
                 if len(self._closing) > 64:  # forget the closes that have run
-                    done, self._closing = ray.wait(self._closing, num_returns=len(self._closing), timeout=0)
+                    _, self._closing = ray.wait(self._closing, num_returns=len(self._closing), timeout=0)
 
     def seq_len(self, st: RemoteState) -> int:
         return st.seq_len
