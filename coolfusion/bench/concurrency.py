@@ -1,11 +1,13 @@
 """`coolfusion bench --concurrency 1,2,4,8`: throughput under load, in one run.
 
-For each level c, c client threads run at once through the engine (no HTTP: what is
-measured is the engine's use of the models), each a greedy request of its own over a fixed
-set of prompts, for `cool-fusion` and for each source model alone. Printed per (model id,
-c): aggregate characters/s over all clients, the median and worst per-request latency, and
-the aggregate's ratio to c = 1 (`speedup`). Every output is compared with the same request
-run alone first: greedy outputs must not depend on load (`identical`).
+Every level runs the same N greedy requests (N = the highest level; request i over prompt
+i of a fixed set), for `cool-fusion` and for each source model alone: at level c, c client
+threads run at once through the engine (no HTTP: what is measured is the engine's use of
+the models), each taking the next request not yet taken until all N are done. So level 1
+is the N requests one after another, and every level serves the same work. Printed per
+(model id, c): aggregate characters/s, the median and worst per-request latency, and the
+aggregate's ratio to c = 1 (`speedup`). Every output is compared with the same request run
+alone first: greedy outputs must not depend on load (`identical`).
 """
 
 from __future__ import annotations
@@ -41,23 +43,31 @@ def solo_texts(engine, model: str, max_tokens: int, clients: int, prompts=PROMPT
     return {i: _text(engine, _request(i, model, max_tokens, prompts)) for i in range(clients)}
 
 
-def level(engine, model: str, clients: int, max_tokens: int, solo: dict[int, str], prompts=PROMPTS) -> dict:
-    """`clients` threads at once, client i running request i; figures of that level."""
+def level(engine, model: str, clients: int, max_tokens: int, solo: dict[int, str], prompts=PROMPTS,
+          requests: int | None = None) -> dict:
+    """`clients` threads at once serving requests 0 .. `requests`-1 (default: one each), each
+    thread taking the next one not yet taken; figures of that level."""
+    todo = iter(range(requests or clients))
+    take = threading.Lock()
     barrier = threading.Barrier(clients)
     out: dict[int, tuple[str, float]] = {}
     errors: list[BaseException] = []
 
-    def client(i: int) -> None:
-        req = _request(i, model, max_tokens, prompts)
+    def client() -> None:
         barrier.wait()
-        t0 = time.perf_counter()
-        try:
-            out[i] = (_text(engine, req), time.perf_counter() - t0)
-        except BaseException as err:  # noqa: BLE001 (reported below)
-            errors.append(err)
+        while not errors:
+            with take:
+                i = next(todo, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                out[i] = (_text(engine, _request(i, model, max_tokens, prompts)), time.perf_counter() - t0)
+            except BaseException as err:  # noqa: BLE001 (reported below)
+                errors.append(err)
 
     before = _runner_stats(engine)
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=client) for _ in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -71,7 +81,7 @@ def level(engine, model: str, clients: int, max_tokens: int, solo: dict[int, str
     chars = sum(len(text) for text, _ in out.values())
     forwards = sum(a["forwards"] - b["forwards"] for a, b in zip(after, before))
     items = sum(a["items"] - b["items"] for a, b in zip(after, before))
-    return {"clients": clients, "seconds": wall, "chars": chars, "chars_per_s": chars / wall,
+    return {"clients": clients, "requests": len(out), "seconds": wall, "chars": chars, "chars_per_s": chars / wall,
             "mean_batch": items / forwards if forwards else None,
             "model_busy": [(a["busy_s"] - b["busy_s"]) / wall for a, b in zip(after, before)],  # per model, 0-1
             "latency_median_s": statistics.median(latencies), "latency_max_s": max(latencies),
@@ -97,7 +107,7 @@ def measure(engine, levels: list[int], max_tokens: int, models: list[str] | None
         if reference is not None:
             res.setdefault("solo_equals_reference", {})[model] = solo == reference[model]
             solo = reference[model]
-        rows = [level(engine, model, c, max_tokens, solo, prompts) for c in levels]
+        rows = [level(engine, model, c, max_tokens, solo, prompts, requests=max(levels)) for c in levels]
         base = rows[0]["chars_per_s"] if rows[0]["clients"] == 1 else None
         for r in rows:
             r["speedup"] = r["chars_per_s"] / base if base else None
@@ -111,7 +121,8 @@ def with_runner(engine, *, batching: bool):
 
 
 def print_table(res: dict) -> None:
-    print(f"concurrency benchmark: max_tokens {res['max_tokens']}, one greedy request per client")
+    print(f"concurrency benchmark: the same {max(res['levels'])} greedy requests at every level, "
+          f"max_tokens {res['max_tokens']}")
     for model, same in res.get("solo_equals_reference", {}).items():
         print(f"{model}: solo outputs equal the local backend's: {same}")
     print(f"{'model id':22} {'clients':>7} {'chars/s':>8} {'speedup':>8} {'latency p50 s':>13} "
@@ -125,13 +136,30 @@ def print_table(res: dict) -> None:
                   f"{'/'.join(f'{b:.0%}' for b in r['model_busy']) or '-':>9}")
 
 
+def one_client_on_off(on, off, models: list[str], max_tokens: int, requests: int, solo: dict,
+                      repeat: int = 2, prompts=PROMPTS) -> dict:
+    """One client, batching on (engine `on`) against off (`off`), the N requests of every
+    level each time, alternating off, on, off, on, ... so that the machine's drift touches
+    both alike: per model id, each mode's chars/s per run and the ratio of their totals."""
+    out = {}
+    for model in models:
+        runs: dict[str, list[dict]] = {"off": [], "on": []}
+        for _ in range(repeat):
+            for mode, eng in (("off", off), ("on", on)):
+                runs[mode].append(level(eng, model, 1, max_tokens, solo[model], prompts, requests=requests))
+        rate = {m: sum(r["chars"] for r in rs) / sum(r["seconds"] for r in rs) for m, rs in runs.items()}
+        out[model] = {"on_chars_per_s": [r["chars_per_s"] for r in runs["on"]],
+                      "off_chars_per_s": [r["chars_per_s"] for r in runs["off"]],
+                      "ratio": rate["on"] / rate["off"],
+                      "identical": all(r["identical"] for rs in runs.values() for r in rs)}
+    return out
+
+
 def print_on_against_off(res: dict) -> None:
-    """With both modes measured: per model id, batching on against off at the lowest level
-    (batching must not slow a lone client down)."""
-    on, off = res.get("batching_on"), res.get("batching_off")
-    if not (on and off):
-        return
-    for model, rows in on["models"].items():
-        a, b = rows[0], off["models"][model][0]
-        print(f"{model}, {a['clients']} client(s): batching on {a['chars_per_s']:.1f} chars/s, "
-              f"off {b['chars_per_s']:.1f} ({a['chars_per_s'] / b['chars_per_s']:.2f}x)")
+    """With both modes measured: per model id, one client with batching on against off,
+    interleaved (batching must not slow a lone client down)."""
+    for model, r in res.get("one_client_on_off", {}).items():
+        print(f"{model}, 1 client, batching off and on alternating: on "
+              f"{', '.join(f'{x:.1f}' for x in r['on_chars_per_s'])} chars/s, off "
+              f"{', '.join(f'{x:.1f}' for x in r['off_chars_per_s'])} (on/off {r['ratio']:.2f}x, "
+              f"identical {r['identical']})")

@@ -322,13 +322,20 @@ def run(args) -> int:
         levels = sorted({int(x) for x in args.concurrency.split(",")})
         ids = args.model_ids.split(",") if args.model_ids else None
         res = {"load_seconds": load_s}
-        for mode in (["off", "on"] if args.batching == "both" else [args.batching]):
-            eng = concurrency.with_runner(engine, batching=mode == "on")
+        modes = ["off", "on"] if args.batching == "both" else [args.batching]
+        engines = {mode: concurrency.with_runner(engine, batching=mode == "on") for mode in modes}
+        for mode, eng in engines.items():
             res[f"batching_{mode}"] = concurrency.measure(eng, levels, args.max_tokens, ids)
-            eng.close()
             print(f"\nfusion.batching: {mode}")
             concurrency.print_table(res[f"batching_{mode}"])
-        concurrency.print_on_against_off(res)
+        if len(engines) == 2:  # one client, on against off, interleaved
+            on = res["batching_on"]
+            res["one_client_on_off"] = concurrency.one_client_on_off(
+                engines["on"], engines["off"], list(on["models"]), args.max_tokens, max(levels), on["solo"])
+            print()
+            concurrency.print_on_against_off(res)
+        for eng in engines.values():
+            eng.close()
         if args.ray and not (args.shapes or args.random_weights):
             res["ray"] = _ray_concurrency(args, levels, ids, res)
         _write_json(args.json_path, res)

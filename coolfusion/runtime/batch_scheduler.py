@@ -29,6 +29,7 @@ only the caller's own row and are safe while no forward of that slot is pending.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -37,6 +38,7 @@ from concurrent.futures import Future
 import torch
 
 from coolfusion.runtime import batched_forward
+from coolfusion.runtime.core_share import PROCESS, CoreShare
 from coolfusion.runtime.batched_forward import Item
 from coolfusion.runtime.slots import SlotStorage
 
@@ -46,8 +48,10 @@ class BatchScheduler:
 
     def __init__(self, model, storage: SlotStorage, *, max_batch_tokens: int = 2048, name: str = "scheduler",
                  layout: str = "views", gqa: str = "enable", start: bool = True, gather: float = 0.25,
-                 pad_decode_to: int = 0):
+                 pad_decode_to: int = 0, cores: CoreShare | None = PROCESS):
         self.model, self.storage = model, storage
+        # CPU forwards share the process's cores with the other models' (runtime/core_share.py)
+        self.cores = cores if storage.device.type == "cpu" else None
         self.pad_decode_to = pad_decode_to
         self.max_batch_tokens = max_batch_tokens
         self.gather = gather
@@ -64,6 +68,8 @@ class BatchScheduler:
         self.busy_s = 0.0  # wall time spent in forwards
         self.batch_sizes: list[int] = []  # items per forward, most recent last (bounded)
         batched_forward.install(model)
+        if self.cores is not None:
+            self.cores.join()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         if start:
             self._thread.start()
@@ -115,9 +121,17 @@ class BatchScheduler:
 
     def stop(self) -> None:
         with self._cv:
+            if self._stop:
+                return
             self._stop = True
             self._cv.notify()
         self._thread.join()
+        if self.cores is not None:
+            self.cores.leave()
+
+    def _cores(self, requests: int):
+        """Around a forward: its share of the CPU's intra-op threads (nothing to do on CUDA)."""
+        return self.cores.forward(requests) if self.cores is not None else contextlib.nullcontext()
 
     # ---- scheduler side -----------------------------------------------------------------
 
@@ -181,7 +195,7 @@ class BatchScheduler:
         self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
         try:
             single = all(len(it.tokens) == 1 for it, _ in batch)
-            with self.model_lock:
+            with self.model_lock, self._cores(len(batch)):
                 outs = batched_forward.forward(self.model, self.storage, [it for it, _ in batch], layout=self.layout,
                                                gqa=self.gqa, pad_to=self.pad_decode_to if single else 0)
         except BaseException as err:  # noqa: BLE001 - isolate the item at fault

@@ -271,7 +271,7 @@ def forward(model, storage: SlotStorage, items: list[Item], *, layout: str = "vi
     dummy = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=dev)  # (1, 1, 1, 1): skips mask creation
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([ids], device=dev), position_ids=position_ids, attention_mask=dummy,
-                    use_cache=False, logits_to_keep=torch.tensor(_lm_head_rows(keep), device=dev), **{PLAN_KW: plan})
+                    use_cache=False, logits_to_keep=torch.tensor(keep, device=dev), **{PLAN_KW: plan})
     for it in items:
         storage.advance(it.slot, len(it.tokens))
     logits = out.logits[0].float()  # (R, V), R = rows kept over all items
@@ -281,14 +281,6 @@ def forward(model, storage: SlotStorage, items: list[Item], *, layout: str = "vi
         res.append(logits[r : r + n])
         r += n
     return res
-
-
-def _lm_head_rows(keep: list[int]) -> list[int]:
-    """The rows the LM head computes: `keep`, with 2 or 3 rows padded to 4 by repeating the
-    last (the extra rows are dropped). On the CPU the matrix product of 2 or 3 rows by a
-    large vocabulary takes a slow path: measured for Gemma 3's 640 x 262,144 head, one
-    thread, 44 ms for 1 row, 125 for 2, 158 for 3, 88 for 4, 104 for 8."""
-    return keep + keep[-1:] * (4 - len(keep)) if 1 < len(keep) < 4 else keep
 
 
 def block_pattern(kv: int, blocks: list[tuple[int, int]], device=None) -> torch.Tensor:
