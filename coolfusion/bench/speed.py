@@ -80,6 +80,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batching", choices=["both", "on", "off"], default="both",
                    help="with --concurrency: measure with fusion.batching on, off, or both over the same "
                         "loaded models (default: both)")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="with --concurrency and both batching modes: how many times one client runs with "
+                        "batching off and on, alternating, after the levels (default 2)")
     p.add_argument("--speculative", choices=["also", "only", "skip"], default="also",
                    help="speculative proposals off and on over the same models (coolfusion/bench/speculative.py): "
                         "after the other figures (also, the default), alone (only), or not at all (skip)")
@@ -331,7 +334,8 @@ def run(args) -> int:
         if len(engines) == 2:  # one client, on against off, interleaved
             on = res["batching_on"]
             res["one_client_on_off"] = concurrency.one_client_on_off(
-                engines["on"], engines["off"], list(on["models"]), args.max_tokens, max(levels), on["solo"])
+                engines["on"], engines["off"], list(on["models"]), args.max_tokens, max(levels), on["solo"],
+                repeat=args.repeat)
             print()
             concurrency.print_on_against_off(res)
         for eng in engines.values():
