@@ -153,11 +153,13 @@ def run_lm_eval(eng: Engine, config: str, tasks: list[str], models: list[str], l
                     print(f"| {task} | {model} | {limit} | {wall:.0f} s | lm_eval exited {proc.returncode}: "
                           f"{proc.stderr[-300:]!r} |", flush=True)
                     continue
-                row = json.loads(next(out.rglob("results_*.json")).read_text())["results"][task]
+                result = json.loads(next(out.rglob("results_*.json")).read_text())
+                row = result["results"][task]
+                items = result.get("n-samples", {}).get(task, {}).get("effective", limit)
                 metrics = ", ".join(f"{k.split(',')[0]} {v:.4g}" for k, v in row.items()
                                     if isinstance(v, float) and "stderr" not in k)
                 paths = f"; paths: {shares(eng.alternatives.paths)}" if eng.alternatives.paths else ""
-                print(f"| {task} | {model} | {limit} | {wall:.0f} s | {metrics}{paths} |", flush=True)
+                print(f"| {task} | {model} | {items} | {wall:.0f} s | {metrics}{paths} |", flush=True)
     return 0
 
 
