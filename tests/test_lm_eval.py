@@ -179,11 +179,14 @@ def test_lm_eval_multiple_choice_log_likelihoods_run_on_each_model_id(base_url, 
     samples = [json.loads(x) for x in next(out.rglob("samples_coolfusion_mc_*.jsonl")).read_text().splitlines() if x]
     assert len(samples) == MC_ITEMS
     if model_id == COOL:  # is_greedy comes from the fused alternatives: unchanged by how they are computed
-        got = [(ctx, cont, float(resp[0][0]), resp[0][1] in (True, "True"))
-               for s in samples for (ctx, cont), resp in zip(_pairs(s), s["resps"])]
-        want = [(r["context"], r["continuation"], r["loglikelihood"], r["is_greedy"])
-                for r in json.loads(RECORDED_MC.read_text())]
-        assert sorted(got) == sorted(want)
+        got = sorted((ctx, cont, resp[0][1] in (True, "True"), float(resp[0][0]))
+                     for s in samples for (ctx, cont), resp in zip(_pairs(s), s["resps"]))
+        want = sorted((r["context"], r["continuation"], r["is_greedy"], r["loglikelihood"])
+                      for r in json.loads(RECORDED_MC.read_text()))
+        assert [g[:3] for g in got] == [w[:3] for w in want]  # every choice, and is_greedy exactly
+        # the values up to float rounding: the LM head's product changed kernel since the
+        # recording (runtime/lm_head.py; ~5e-6 here), which moves values by that much only
+        assert all(abs(g[3] - w[3]) < 1e-4 for g, w in zip(got, want)), [(g[3], w[3]) for g, w in zip(got, want)]
     checked = 0
     for s in samples:
         for (ctx, cont), resp in zip(_pairs(s), s["resps"]):
