@@ -129,9 +129,10 @@ class BatchScheduler:
         if self.cores is not None:
             self.cores.leave()
 
-    def _cores(self, requests: int):
-        """Around a forward: its share of the CPU's intra-op threads (nothing to do on CUDA)."""
-        return self.cores.forward(requests) if self.cores is not None else contextlib.nullcontext()
+    def _cores(self, items: int):
+        """Around a forward of `items` items: its share of the CPU's intra-op threads (nothing
+        to do on CUDA)."""
+        return self.cores.forward(items) if self.cores is not None else contextlib.nullcontext()
 
     # ---- scheduler side -----------------------------------------------------------------
 

@@ -9,8 +9,10 @@ runner took all of the process's threads (2 on a 2-core machine), two forwards a
 alone (one request, while the other model waits for it) would leave a core idle.
 
 So a forward takes every thread when no other forward of the process is running as it
-starts, else its share: the process's threads over the runners that share them. A forward
-that starts alone keeps its team to its end; one started beside it takes its share.
+starts, or when it carries a single item (one request's only work in it: a lone client's
+forwards then run as they do without batching), else its share: the process's threads over
+the runners that share them. A forward that starts with every thread keeps its team to its
+end.
 The team's size changes which cores compute a product, not its value (the batching tests
 compare concurrent outputs with solo ones byte for byte).
 """
@@ -48,12 +50,12 @@ class CoreShare:
             self.members = max(0, self.members - 1)
 
     @contextmanager
-    def forward(self, requests: int = 1) -> Iterator[int]:
-        """Around one forward of a joined runner's thread, carrying `requests` requests' items:
-        sets that thread's team size and yields it."""
+    def forward(self, items: int = 1) -> Iterator[int]:
+        """Around one forward of a joined runner's thread, carrying `items` items (one per KV
+        slot): sets that thread's team size and yields it."""
         with self._lock:
             self.running += 1
-            whole = self.running == 1 or requests == 1
+            whole = self.running == 1 or items == 1
             n = self.threads if whole else max(1, self.threads // max(1, self.members))
         torch.set_num_threads(n)
         try:

@@ -3,9 +3,10 @@
 Every forward ends with the LM head: (rows x hidden) by (hidden x vocabulary), the largest
 matrix product of the embedded pair (Gemma 3: 640 x 262,144, 671 MB of float32 weights read
 per forward). On this project's CPU (AMD EPYC, 2 cores), `F.linear` (MKL) takes a slow path
-for it: 56 ms for 1 row, 112 to 138 ms for 2 to 8, 316 ms for 64; oneDNN's
-`mkldnn_linear` over a copy of the weights in its own layout took 26, 42 to 44 and 189 ms
-(`python scripts/lm_head_rows.py` prints both, per row count and head; docs/batching.md).
+for it: 60 ms for 1 row, 113 to 194 ms for 2 to 8, 250 ms for 64; oneDNN's `mkldnn_linear`
+over a copy of the weights in its own layout took 29, 38 to 53 and 176 ms
+(`python scripts/lm_head_rows.py` prints both, per row count and head; its output, with the
+commit, is in docs/batching.md).
 A decode step of a batch and a scoring block both pay it once per forward, so it sets much
 of what a forward costs.
 

@@ -213,7 +213,7 @@ def load_model(src: Source, device: torch.device, dtype: torch.dtype):
             _save_weights(model, cache)
     model.to(device)
     model.eval()
-    lm_head.install(model)  # on the CPU, a few rows of logits by a faster product
+    lm_head.install(model)  # on the CPU, the LM head's product by oneDNN
     return model
 
 

@@ -49,23 +49,23 @@ def test_the_head_is_left_as_it_is_where_onednn_does_not_apply():
     assert getattr(model.head.forward, "__func__", None) is not lm_head._forward
 
 
-def _inside(share: CoreShare, requests: int, entered: threading.Event, release: threading.Event, seen: list):
-    with share.forward(requests) as n:
+def _inside(share: CoreShare, items: int, entered: threading.Event, release: threading.Event, seen: list):
+    with share.forward(items) as n:
         seen.append((n, torch.get_num_threads()))
         entered.set()
         release.wait(5)
 
 
-def test_a_forward_alone_takes_every_thread_one_beside_it_its_share_unless_it_carries_one_request():
+def test_a_forward_alone_takes_every_thread_one_beside_it_its_share_unless_it_carries_one_item():
     share = CoreShare(threads=4)
     share.join()
     share.join()  # two runners
-    with share.forward(requests=8) as n:
+    with share.forward(items=8) as n:
         assert n == 4 and torch.get_num_threads() == 4  # alone: every thread
-        for requests, want in ((8, 2), (1, 4)):  # beside it: its share; one request: every thread
+        for items, want in ((8, 2), (1, 4)):  # beside it: its share; one item: every thread
             seen: list = []
             entered, release = threading.Event(), threading.Event()
-            t = threading.Thread(target=_inside, args=(share, requests, entered, release, seen))
+            t = threading.Thread(target=_inside, args=(share, items, entered, release, seen))
             t.start()
             assert entered.wait(5)
             release.set()
