@@ -95,6 +95,49 @@ def test_scoring_blocks_beside_a_decode_row_then_move_the_winner_into_place(tiny
     assert (nxt[1][0] - full_logits(tiny, ctx_b + [dec, 4])[-1]).abs().max() < TOL_TINY
 
 
+def test_blocks_after_lead_tokens_see_them_as_if_they_had_been_cached_first(tiny):
+    """A score folded with its sync: committed tokens not cached yet (`lead`) go first in the
+    blocks' forward; each block sees the cache and the lead tokens before its first position."""
+    st = SlotStorage.for_model(tiny, slots=2, max_len=64)
+    a = st.alloc()
+    ctx = rand_ids(11, 21)
+    forward(tiny, st, [Item(a, ctx)])
+    lead = rand_ids(4, 22)
+    committed = ctx + lead
+    kv, n = len(ctx), len(committed)
+    # p-1 at the last lead token, inside the lead, and inside the cache
+    cands = [(n, [5, 6, 7]), (kv + 2, [8, 9]), (kv - 1, [10])]
+    blocks = [([committed[p - 1]] + new, p) for p, new in cands]
+    tokens = lead + [t for blk, _ in blocks for t in blk]
+    positions = list(range(kv, n)) + [q for blk, p in blocks for q in range(p - 1, p - 1 + len(blk))]
+    sees = block_pattern(kv, [(p - 1, len(blk)) for blk, p in blocks], lead=len(lead))
+    out = forward(tiny, st, [Item(a, tokens, positions, sees, rows=len(tokens) - len(lead))])[0]
+    assert out.shape == (len(tokens) - len(lead), 97)
+    off = 0
+    for blk, p in blocks:
+        ref = full_logits(tiny, committed[: p - 1] + blk)[p - 1 :]
+        assert (out[off : off + len(blk)] - ref).abs().max() < TOL_TINY
+        off += len(blk)
+    st.crop(a, n)  # the lead tokens stay cached, where a sync would have put them
+    nxt = forward(tiny, st, [Item(a, [3])])[0]
+    assert (nxt[0] - full_logits(tiny, committed + [3])[-1]).abs().max() < TOL_TINY
+
+
+def test_copy_gives_a_slot_the_prefix_of_another_and_leaves_the_source_as_it_was(tiny):
+    st = SlotStorage.for_model(tiny, slots=3, max_len=40)
+    a, b = st.alloc(), st.alloc()
+    ids = rand_ids(20, 23)
+    forward(tiny, st, [Item(a, ids), Item(b, rand_ids(7, 24))])  # b held something else before
+    st.copy(a, b, 12)
+    assert (st.length(a), st.length(b)) == (20, 12)
+    new = rand_ids(3, 25)
+    out_b, out_a = forward(tiny, st, [Item(b, new, rows="all"), Item(a, [4])])
+    assert (out_b - full_logits(tiny, ids[:12] + new)[12:]).abs().max() < TOL_TINY
+    assert (out_a[0] - full_logits(tiny, ids + [4])[-1]).abs().max() < TOL_TINY
+    with pytest.raises(ValueError):
+        st.copy(a, b, 22)  # more than the source holds
+
+
 def test_crop_and_refeed_is_a_fresh_sequence(tiny):
     st = SlotStorage.for_model(tiny, slots=2, max_len=40)
     s = st.alloc()

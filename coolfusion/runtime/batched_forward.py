@@ -49,14 +49,19 @@ class Item:
     sees: optional (T, length+T) bool, which cached tokens and which new tokens each new token
       attends to (scoring blocks); default causal. Sliding-window layers additionally mask by
       position. Every row must see at least one token (its own, normally).
-    rows: "last" -> logits (1, V) of the last token; "all" -> (T, V).
+    rows: "last" -> logits (1, V) of the last token; "all" -> (T, V); an int k -> (k, V) of
+      the last k tokens (scoring blocks after committed tokens fed with them).
     """
 
     slot: int
     tokens: list[int]
     positions: list[int] | None = None
     sees: torch.Tensor | None = None
-    rows: str = "last"
+    rows: str | int = "last"
+
+    def kept(self) -> int:
+        """Logits rows this item returns."""
+        return len(self.tokens) if self.rows == "all" else 1 if self.rows == "last" else self.rows
 
 
 CAUSAL = "causal"  # mask marker: plain causal over a slot that held nothing before
@@ -246,8 +251,8 @@ def forward(model, storage: SlotStorage, items: list[Item], *, layout: str = "vi
         t = len(it.tokens)
         if t == 0:
             raise ValueError("an item needs at least one token")
-        if it.rows not in ("last", "all"):
-            raise ValueError(f"rows must be 'last' or 'all', not {it.rows!r}")
+        if it.rows not in ("last", "all") and not (isinstance(it.rows, int) and 1 <= it.rows <= t):
+            raise ValueError(f"rows must be 'last', 'all' or 1..{t}, not {it.rows!r}")
         if it.sees is not None and tuple(it.sees.shape) != (t, b + t):
             raise ValueError(f"sees must be ({t}, {b + t}), got {tuple(it.sees.shape)}")
     dev = storage.device
@@ -260,7 +265,7 @@ def forward(model, storage: SlotStorage, items: list[Item], *, layout: str = "vi
         ids += it.tokens
         pos += p
         max_pos.append(max(p))
-        keep += range(o, o + len(p)) if it.rows == "all" else [o + len(p) - 1]
+        keep += range(o + len(p) - it.kept(), o + len(p))
     plan = Plan(storage, items, before, max_pos, layout, gqa)
     if len(ids) < pad_to:  # dummy rows, kept through the LM head too (its row count matters as well)
         keep += range(len(ids), pad_to)
@@ -277,21 +282,26 @@ def forward(model, storage: SlotStorage, items: list[Item], *, layout: str = "vi
     logits = out.logits[0].float()  # (R, V), R = rows kept over all items
     res, r = [], 0
     for it in items:
-        n = len(it.tokens) if it.rows == "all" else 1
+        n = it.kept()
         res.append(logits[r : r + n])
         r += n
     return res
 
 
-def block_pattern(kv: int, blocks: list[tuple[int, int]], device=None) -> torch.Tensor:
+def block_pattern(kv: int, blocks: list[tuple[int, int]], device=None, lead: int = 0) -> torch.Tensor:
     """Who sees what, for scoring blocks appended after `kv` cached tokens (both runners):
     blocks = [(first_position, length)], each block's token j sees the cached tokens at slots
-    before its first position and its own block's tokens up to j. Returns (T, kv+T) bool."""
+    before its first position and its own block's tokens up to j. `lead`: the new tokens
+    start with that many of the sequence itself (slots and positions kv, kv+1, ...: committed
+    tokens not cached yet), fed causally, and a block sees those before its first position
+    too, as if they had been cached first. Returns (lead+T, kv+lead+T) bool."""
     T = sum(n for _, n in blocks)
-    allow = torch.zeros((T, kv + T), dtype=torch.bool, device=device)  # (T, kv+T)
-    o = 0
+    held = kv + lead  # what the blocks see as the cache
+    allow = torch.zeros((lead + T, held + T), dtype=torch.bool, device=device)  # (lead+T, held+T)
+    allow[:lead, :held] = torch.ones((lead, held), dtype=torch.bool, device=device).tril(kv)
+    o = lead
     for first, n in blocks:
-        allow[o : o + n, : min(first, kv)] = True
+        allow[o : o + n, : min(first, held)] = True
         allow[o : o + n, kv + o : kv + o + n] = torch.ones((n, n), dtype=torch.bool, device=device).tril()
         o += n
     return allow

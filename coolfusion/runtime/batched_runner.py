@@ -112,9 +112,12 @@ class BatchedRunner:
     def move(self, cache: int, src: int, dst: int, n: int) -> None:
         self.storage.move(cache, src, dst, n)
 
+    def copy(self, src: int, dst: int, n: int) -> None:
+        self.storage.copy(src, dst, n)
+
     # ---- forwards --------------------------------------------------------------------------
 
-    def forward(self, cache: int, tokens: list[int], *, blocks=None, last_only=False) -> torch.Tensor:
+    def forward(self, cache: int, tokens: list[int], *, blocks=None, last_only=False, lead: int = 0) -> torch.Tensor:
         """As `ModelRunner.forward`, run in the next batched forward of this model."""
         if blocks is None and last_only and len(tokens) > PREFILL_CHUNK:
             for i in range(0, len(tokens) - PREFILL_CHUNK, PREFILL_CHUNK):  # all but the last chunk
@@ -125,9 +128,10 @@ class BatchedRunner:
             item = Item(cache, list(tokens), rows="last" if last_only else "all")
         else:
             kv = self.storage.length(cache)
-            positions = [q for first, n in blocks for q in range(first, first + n)]
-            sees = batched_forward.block_pattern(kv, blocks, device=self.device)
-            item = Item(cache, list(tokens), positions=positions, sees=sees, rows="last" if last_only else "all")
+            positions = list(range(kv, kv + lead)) + [q for first, n in blocks for q in range(first, first + n)]
+            sees = batched_forward.block_pattern(kv, blocks, device=self.device, lead=lead)
+            rows = "last" if last_only else len(tokens) - lead if lead else "all"
+            item = Item(cache, list(tokens), positions=positions, sees=sees, rows=rows)
         try:
             out = self._scheduler.forward(item)
         except KVRoomError as err:

@@ -82,3 +82,18 @@ def move(cache: DynamicCache, src: int, dst: int, n: int) -> None:
     with torch.inference_mode():
         for layer in cache.layers:
             layer.move(src, dst, n)
+
+
+def copy(src: DynamicCache, dst: DynamicCache, n: int) -> None:
+    """Make `dst` hold the first `n` slots of `src` in every layer (copied: the two caches
+    share no storage afterwards)."""
+    layers = []
+    with torch.inference_mode():
+        for layer in src.layers:
+            new = GrowingLayer()
+            if n > 0 and layer.get_seq_length() >= n:
+                new.update(layer.keys[..., :n, :], layer.values[..., :n, :])
+            elif n > 0:
+                raise ValueError(f"copy {n} slots of a cache layer that holds {layer.get_seq_length()}")
+            layers.append(new)
+    dst.layers[:] = layers

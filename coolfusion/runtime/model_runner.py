@@ -60,27 +60,34 @@ class ModelRunner:
         """Copy cached tokens [src, src+n) to [dst, dst+n) (a scored block moved into place)."""
         kvcache.move(cache, src, dst, n)
 
+    def copy(self, src, dst, n: int) -> None:
+        """Make cache `dst` hold the first `n` cached tokens of cache `src` (a forked state)."""
+        kvcache.copy(src, dst, n)
+
     # ---- forwards --------------------------------------------------------------------------
 
-    def forward(self, cache, tokens: list[int], *, blocks=None, last_only=False) -> torch.Tensor:
+    def forward(self, cache, tokens: list[int], *, blocks=None, last_only=False, lead: int = 0) -> torch.Tensor:
         """Feed `tokens` after the cache's current contents; returns logits (T, V), or (1, V)
         for the last token only (`last_only`: a prefill skips the LM head on the others).
 
         `blocks`: the tokens are candidate blocks, given as (first position, length) each in
         order; a block's tokens sit at those sequence positions and attend to the cached
-        prefix before their first position and causally to their own block only."""
+        prefix before their first position and causally to their own block only. `lead`:
+        the tokens start with that many tokens of the sequence itself, fed after the cache
+        before the blocks (a sync folded into the scoring forward; the blocks see them as
+        cached); the logits are then the blocks' rows only (T - lead, V)."""
         past = cache.get_seq_length()
         inp = torch.tensor([tokens], device=self.device)  # (1, T)
         kwargs = {}
         if blocks is not None:
-            positions = [q for first, n in blocks for q in range(first, first + n)]
+            positions = list(range(past, past + lead)) + [q for first, n in blocks for q in range(first, first + n)]
             kwargs["position_ids"] = torch.tensor([positions], device=self.device)
-            kwargs["attention_mask"] = self.block_mask(past, blocks)
+            kwargs["attention_mask"] = self.block_mask(past, blocks, lead)
         else:
             kwargs["position_ids"] = torch.arange(past, past + len(tokens), device=self.device)[None]
         kwargs["cache_position"] = torch.arange(past, past + len(tokens), device=self.device)
-        if last_only:
-            kwargs["logits_to_keep"] = 1
+        if last_only or lead:
+            kwargs["logits_to_keep"] = 1 if last_only else len(tokens) - lead
         kwargs[self.cache_kw] = cache
         with self.lock, torch.inference_mode():
             t0 = time.perf_counter()
@@ -112,13 +119,14 @@ class ModelRunner:
         with self.lock:
             return logprobs.of_sequence(self.model, self.device, ids, top)
 
-    def block_mask(self, kv: int, blocks):
+    def block_mask(self, kv: int, blocks, lead: int = 0):
         """(1, 1, T, kv+T) additive mask for candidate blocks fed after `kv` cached tokens
-        (who sees what: `batched_forward.block_pattern`), and on sliding layers only the window.
-        `blocks`: (first position, length) each."""
+        (who sees what: `batched_forward.block_pattern`, `lead` tokens of the sequence first),
+        and on sliding layers only the window. `blocks`: (first position, length) each."""
         dev = self.device
-        allow = batched_forward.block_pattern(kv, blocks, device=dev)  # (T, kv+T)
-        q_pos = torch.cat([torch.arange(first, first + n, device=dev) for first, n in blocks])  # (T,)
+        allow = batched_forward.block_pattern(kv, blocks, device=dev, lead=lead)  # (T, kv+T)
+        q_pos = torch.cat([torch.arange(kv, kv + lead, device=dev)]
+                          + [torch.arange(first, first + n, device=dev) for first, n in blocks])  # (T,)
         k_pos = torch.cat([torch.arange(kv, device=dev), q_pos])  # (kv+T,) cache slot == position for the prefix
         neg = torch.finfo(self.model.dtype).min
 

@@ -36,10 +36,14 @@ class Runner(Protocol):
 
     def move(self, cache: Any, src: int, dst: int, n: int) -> None: ...  # cached [src, src+n) to [dst, ...)
 
+    def copy(self, src: Any, dst: Any, n: int) -> None: ...  # cache dst := the first n cached tokens of cache src
+
     # logits (T, V) of `tokens` fed after the cache, or (1, V) with last_only; `blocks`:
-    # candidate blocks side by side, (first position, length) each, seeing the prefix before it
+    # candidate blocks side by side, (first position, length) each, seeing the prefix before it;
+    # `lead`: with blocks, the first `lead` tokens continue the sequence (fed before the blocks,
+    # seen by them as cached; the logits are the blocks' rows only)
     def forward(self, cache: Any, tokens: list[int], *, blocks: list[tuple[int, int]] | None = None,
-                last_only: bool = False) -> torch.Tensor: ...
+                last_only: bool = False, lead: int = 0) -> torch.Tensor: ...
 
     def fresh_logits(self, ids: list[int]) -> torch.Tensor: ...  # (V,) after ids, full forward, no cache
 

@@ -11,6 +11,7 @@ slot's length, so their contents never matter.
 
     alloc() -> slot          free(slot)           length(slot)
     crop(slot, n)            move(slot, src, dst, n)    (copies only that block)
+    copy(src, dst, n)        (dst holds src's first n entries)
     write(layer, slots, at, keys, values)   (one indexed write per layer, used by the forward)
 
 Keys are stored after RoPE, i.e. for the positions they were computed at, and every cached
@@ -127,6 +128,20 @@ class SlotStorage:
             for t in self.k + self.v:
                 t[slot, :, dst : dst + n] = t[slot, :, src : src + n].clone()
             self.positions[slot, dst : dst + n] = self.positions[slot, src : src + n].clone()
+
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """Make `dst` hold the first `n` entries of `src` (keys, values, positions): a state
+        forked from another's prefix. Only those rows are written; `src` is left as it is."""
+        self._check(src)
+        self._check(dst)
+        if n > self._len[src]:
+            raise ValueError(f"copy {n} entries of slot {src}, which holds {self._len[src]}")
+        if src != dst and n > 0:
+            with torch.inference_mode():
+                for t in self.k + self.v:
+                    t[dst, :, :n] = t[src, :, :n]
+                self.positions[dst, :n] = self.positions[src, :n]
+        self._len[dst] = n
 
     # ---- what the forward uses ---------------------------------------------------------
 

@@ -268,16 +268,20 @@ class LocalWorker:
         (`nll_sum`: exp of the sum). One forward pass for all candidates that need one."""
         end_id = self.text.primary_end if end_id is None else end_id
         base = st.committed_len
-        # blocks attend to the committed prefix only: an unfed lookahead token can wait
-        self._sync(st, upto=base)
+        # blocks attend to the committed prefix only: an unfed lookahead token can wait, and
+        # committed tokens not cached yet are fed in the blocks' forward (`_score_blocks`)
+        if not self.fast:
+            self._sync(st, upto=base)
         nlls: list[list[float] | None] = []
         todo = []  # (index, target, p)
+        decoded = st.ids[base:] if len(st.la_logprobs) == len(st.ids) - base else []  # with their log-probs
         for i, (text, eos) in enumerate(candidates):
             target, p = self._candidate_ids(st, text, eos, end_id)
-            own = st.proposal  # its log-probs cover its text (an end token's needs a block)
-            if (self.fast and not eos and own is not None and own.text == text and own.n_tokens is not None
-                    and p == base and target[base:] == st.ids[base : base + own.n_tokens]):
-                nlls.append([-x for x in own.logprobs])
+            new = target[base:]
+            if self.fast and not eos and p == base and new and decoded[: len(new)] == new:
+                # tokens it decoded (its proposal, lookahead, or greedy tokens known at a rewind)
+                # carry their log-probs already (an end token's needs a block)
+                nlls.append([-x for x in st.la_logprobs[: len(new)]])
                 continue
             drafted = self._drafted_logprobs(st, target, p, eos)
             if drafted is not None:  # the check forward of a draft already scored these tokens
@@ -308,13 +312,20 @@ class LocalWorker:
         return checked.draft_logprobs[: len(new)]
 
     def _score_blocks(self, st: State, todo, nlls, candidates) -> None:
-        kv = st.kv_len
+        """Score the candidates `todo` as blocks side by side after the cache, in one forward
+        that first feeds the committed tokens not cached yet (its `lead`)."""
+        lead = st.ids[st.kv_len : st.committed_len]  # empty when the cache holds them (and maybe lookahead)
+        self.runner.crop(st.cache, st.kv_len)
         blocks = []
         for i, target, p in todo:
             blk = target[p - 1 :]  # anchor token at position p-1, then the new tokens
             blocks.append((i, blk, p))
-        tokens = [t for _, blk, _ in blocks for t in blk]
-        logits = self.runner.forward(st.cache, tokens, blocks=[(p - 1, len(blk)) for _, blk, p in blocks])  # (T, V)
+        tokens = lead + [t for _, blk, _ in blocks for t in blk]
+        logits = self.runner.forward(st.cache, tokens, blocks=[(p - 1, len(blk)) for _, blk, p in blocks],
+                                     lead=len(lead))  # (T, V): the blocks' rows
+        if lead:
+            st.kv_len, st.logits = st.committed_len, None
+        kv = st.kv_len
         off = 0
         for i, blk, p in blocks:
             L = len(blk)
@@ -391,6 +402,25 @@ class LocalWorker:
         st.g_text, st.g_ids, st.g_starts = "", [], []
         st.proposal, st.checked = None, None
         st.blocks.clear()
+
+    def fork(self, st: State, prompt_ids: list[int], greedy: Sequence[tuple[int, float]] = ()) -> State:
+        """A new greedy state, what `open(prompt_ids)` and `rewind(..., greedy)` give, whose KV
+        entries of the longest common prefix of `st`'s tokens and `prompt_ids` are copied from
+        `st`'s (fed into `st` first where it does not hold them yet): the fused alternatives'
+        walks along one text start from a single prefill this way. `st` keeps its own state;
+        the caller does not use it in another thread meanwhile."""
+        new = self.open(prompt_ids)
+        try:
+            n = common_prefix(st.ids, list(prompt_ids))
+            if n:
+                self._sync(st, upto=n)
+                self.runner.copy(st.cache, new.cache, n)
+                new.kv_len = n
+            self.rewind(new, prompt_ids, greedy)
+        except BaseException:
+            self.close(new)
+            raise
+        return new
 
     def fresh_logits(self, st: State):
         """Next-token logits from a fresh prefill of `ids` without any cache (for tests)."""

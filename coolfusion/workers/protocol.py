@@ -7,6 +7,7 @@ A worker serves one source model to many requests. Per request it holds an opaqu
     score(state, candidates) -> PPLs        commit(state, text, eos)        close(state)
     check_draft(state, draft, align, max_tokens) -> Proposal   (speculative proposals, greedy)
     rewind(state, prompt_ids, greedy) -> None    (greedy: the state `open(prompt_ids)` gives)
+    fork(state, prompt_ids, greedy) -> state     (greedy: a new one, its KV copied from state's)
 
 plus what the loop and the engine read: `seq_len(state)` (tokens the model holds for the
 request, lookahead included: the context check), `unavailable` (why it cannot serve now, or None), and `shutdown()`; and, outside any
@@ -95,6 +96,11 @@ class Worker(Protocol):
     # with it, with `greedy` ((token, log p) its decoding gives first, known to the caller) as
     # lookahead; the fused alternatives walk one state per model along a text this way
     def rewind(self, state: Any, prompt_ids: list[int], greedy: Sequence[tuple[int, float]] = ()) -> None: ...
+
+    # greedy only: a new state, as open(prompt_ids) then rewind(greedy) give, whose KV entries of
+    # the longest common prefix with `state`'s tokens are copied from `state` (fed there first
+    # if it does not hold them yet); the fused alternatives' walks start from one prefill this way
+    def fork(self, state: Any, prompt_ids: list[int], greedy: Sequence[tuple[int, float]] = ()) -> Any: ...
 
     def close(self, state: Any) -> None: ...  # frees the request's KV storage; never raises
 

@@ -122,6 +122,11 @@ class ModelActor:
         self.worker.rewind(self._state(rid), prompt_ids, greedy)
         return self._reply(rid, None, t0)
 
+    def fork(self, rid: int, new_rid: int, prompt_ids: list[int], greedy: list[tuple[int, float]]) -> Reply:
+        t0 = time.perf_counter()
+        self.states[new_rid] = self.worker.fork(self._state(rid), prompt_ids, greedy)
+        return self._reply(new_rid, None, t0)
+
     def close(self, rid: int) -> None:
         st = self.states.pop(rid, None)
         if st is not None:

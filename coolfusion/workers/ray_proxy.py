@@ -260,6 +260,13 @@ class RayWorker:
     def rewind(self, st: RemoteState, prompt_ids: list[int], greedy: Sequence[tuple[int, float]] = ()) -> None:
         self._call("rewind", st.rid, list(prompt_ids), list(greedy), st=st)
 
+    def fork(self, st: RemoteState, prompt_ids: list[int], greedy: Sequence[tuple[int, float]] = ()) -> RemoteState:
+        if st.lost is not None:
+            raise NotReady(st.lost)
+        new = RemoteState(next(self._rids))
+        self._call("fork", st.rid, new.rid, list(prompt_ids), list(greedy), st=new)  # the reply is new's
+        return new
+
     def close(self, st: RemoteState) -> None:
         """Free the request's KV cache on the actor. Never raises (it runs in `finally`)."""
         if st.closed:
