@@ -83,10 +83,10 @@ class FusionConfig(BaseModel):
     batching: bool = Field(True, description="per model, the forwards of every running request in one forward "
                                              "over preallocated KV slots (coolfusion/runtime/batched_runner.py, "
                                              "docs/batching.md); false: one forward at a time, a growing cache per request")
-    kv_slots: int = Field(16, gt=0, description="with batching: KV slots per model, each kv_max_tokens long (a request "
-                                                "holds 1, 2 with judge or rerank; 16 = two per server.max_concurrent "
-                                                "generation); reserved at start-up, on the CPU touched only as requests "
-                                                "fill them")
+    kv_slots: int = Field(32, gt=0, description="with batching: KV slots per model, each kv_max_tokens long (a request "
+                                                "holds 1, 2 with judge or rerank, and a fused log-likelihood's walks up "
+                                                "to half the free ones; 32 = four per server.max_concurrent generation); "
+                                                "reserved at start-up, on the CPU touched only as requests fill them")
     kv_max_tokens: int = Field(4096, gt=0, description="with batching: tokens per KV slot; caps every model's context")
     max_batch_tokens: int = Field(2048, gt=0, description="with batching: new tokens in one batched forward, at most")
     select: selection.Rule = Field(selection.DEFAULT_RULE, description="the selection rule: how a candidate's "

@@ -4,7 +4,8 @@ each model id (docs/logprobs.md, "What a fused log-likelihood costs").
 A public LAMBADA passage (coolfusion/evaluation/data/lambada_test_public.jsonl: the first
 one of `--tokens` reference tokens) is scored with `echo: true, max_tokens: 0` and
 `logprobs: 0`, then `logprobs: 1`, on every model id, through the engine (no HTTP), after
-one untimed warm-up request, each from an empty cache of alternatives; it prints the wall time of each and, for the fused id,
+one untimed warm-up request, each from an empty cache of alternatives (`--repeat N`: N such
+pairs); it prints the wall time of each, their ratio and, for the fused id,
 the share of positions each path of coolfusion.engine.alternatives answered. `--passages N`
 adds the shares over the first N passages (each scored once with `logprobs: 1`);
 `--check` compares every alternative of the timed passage with the `max_tokens: 1`
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check", action="store_true", help="compare each alternative with its max_tokens-1 generation")
     p.add_argument("--walks", type=int, default=MAX_WALKS,
                    help=f"runs of positions walked at once, at most (default {MAX_WALKS}; 1: one walk)")
+    p.add_argument("--repeat", type=int, default=1, help="time each model id's pair of requests this many times")
     p.add_argument("--lm-eval", dest="lm_eval", default="", help="run lm-eval on these tasks instead (comma-separated)")
     p.add_argument("--limit", type=int, default=100, help="lm-eval: items per task (default 100)")
     p.add_argument("--models", default="", help="lm-eval: model ids (default: every source model and cool-fusion)")
@@ -84,16 +86,17 @@ def main(argv: list[str] | None = None) -> int:
             return run_lm_eval(eng, args.config, args.lm_eval.split(","), models, args.limit)
         index, ids = passage_of(eng, args.tokens)
         print(f"passage {index} of {DATA.name}: {len(ids)} reference tokens ({eng.reference(COOL).name})")
-        print("| model id | `logprobs: 0` | `logprobs: 1` |\n|---|---|---|")
+        print("| model id | `logprobs: 0` | `logprobs: 1` | ratio |\n|---|---|---|---|")
         for model in eng.source_names + [COOL]:
             own = eng.reference(model).text.encode(eng.reference(COOL).text.decode(ids), special=True)
             score(eng, model, own, 0)  # warm-up: the first forwards of a shape are slow
-            times = []
-            for top in (0, 1):
-                eng.alternatives = Alternatives(max_walks=args.walks)  # every run from an empty cache
-                seconds, got = score(eng, model, own, top)
-                times.append(seconds)
-            print(f"| {model} | {times[0]:.1f} s | {times[1]:.1f} s |")
+            for _ in range(args.repeat):
+                times = []
+                for top in (0, 1):
+                    eng.alternatives = Alternatives(max_walks=args.walks)  # every run from an empty cache
+                    seconds, got = score(eng, model, own, top)
+                    times.append(seconds)
+                print(f"| {model} | {times[0]:.2f} s | {times[1]:.2f} s | {times[1] / times[0]:.1f}x |", flush=True)
         print(f"{COOL} paths on this passage: {shares(eng.alternatives.paths)}")
         if args.check:
             check(eng, ids, got)

@@ -36,7 +36,9 @@ The positions left to a step (or a request) are split into `walks(...)` contiguo
 up to `MAX_WALKS` and at most half the models' free KV slots; each run is walked in order by
 its own states in its own thread, so the decoding and scoring forwards of the runs meet in
 each model's batched forward (coolfusion.runtime.batched_runner) instead of following one
-another. A run's answers do not depend on which run walks them: a step's state holds exactly
+another. The runs' states are made first (`_Request.open_walks`): the last run's opened at
+its first position, the others forked from it (`Worker.fork`: the KV of the common prefix
+copied), so each model prefills the text once, not once per run. A run's answers do not depend on which run walks them: a step's state holds exactly
 its prompt (and the greedy tokens known to follow it) whatever it held before. The states
 of every walk are closed before the Step is returned; `cancel` (the request timeout, a
 disconnect) is checked before each position of every run, and a failed run stops the others
@@ -61,7 +63,7 @@ from coolfusion.engine.client import Checked
 from coolfusion.workers.protocol import Sampling, Worker
 
 MARGIN = 0.05  # nats between the top two log-probs below which a full forward's argmax is not trusted
-MAX_WALKS = 8  # runs of positions walked at once (each holds a KV slot of every model)
+MAX_WALKS = 16  # runs of positions walked at once (each holds a KV slot of every model)
 LOOP_IDS = (COOL, COOL_NOALIGN)  # the fused ids whose answer is the fusion loop's first segment
 
 Alt = tuple[int, str, float | None]  # token id, its text, its value (None: not computed yet)
@@ -160,9 +162,12 @@ class Alternatives:
         with self._lock:
             self.most_walks = max(self.most_walks, k if pending else 0)
         stop = threading.Event()  # a walk failed: the others stop at their next position
+        runs = [pending[i * len(pending) // k: (i + 1) * len(pending) // k] for i in range(k)]
+        starts = request.open_walks([run[0] for run in runs]) if pending else []
 
-        def walk(run_of: list[_Pending]) -> list[tuple[int, str, Alt | None]]:
-            w = _Walk(request)
+        def walk(run_and_states) -> list[tuple[int, str, Alt | None]]:
+            run_of, states = run_and_states
+            w = _Walk(request, states)
             try:
                 answers = []
                 for pos in run_of:
@@ -176,9 +181,8 @@ class Alternatives:
             finally:
                 w.close()
 
-        runs = [pending[i * len(pending) // k: (i + 1) * len(pending) // k] for i in range(k)]
         with ThreadPoolExecutor(max_workers=k, thread_name_prefix="cf-alternatives") if k > 1 else nullcontext() as pool:
-            answered = loop.map_on(pool, walk, runs)
+            answered = loop.map_on(pool, walk, list(zip(runs, starts)))
         for j, path, alt in (a for answers in answered for a in answers):
             self._count(path)
             out[j] = alt
@@ -216,6 +220,48 @@ class _Request:
         self.workers: list[Worker] = engine.participants(req.model)
         self.ref = self.workers[0]
         self.align = req.model == COOL
+
+    def open_walks(self, firsts: list[_Pending]) -> list[list | None]:
+        """Each run's states, one per model, at its first position (None: a request path,
+        no states): the last run's opened on its prompt, the others forked from it (longest
+        first), so each model feeds the text's prefix once, not once per run."""
+        if self.req.model not in LOOP_IDS or self.sel is None:
+            return [None] * len(firsts)
+        order = sorted(range(len(firsts)), key=lambda r: firsts[r].j, reverse=True)
+
+        def open_model(i: int) -> list:
+            w, states = self.workers[i], [None] * len(firsts)
+            try:
+                base = states[order[0]] = w.open(firsts[order[0]].prompts[i], Sampling())
+                for r in order[1:]:
+                    if self.cancel is not None and self.cancel.is_set():
+                        raise Cancelled("generation cancelled")
+                    states[r] = w.fork(base, firsts[r].prompts[i], firsts[r].greedy[i])
+            except BaseException:
+                for st in states:
+                    if st is not None:
+                        w.close(st)
+                raise
+            return states
+
+        def guarded(i: int):  # every model's states are opened (or closed) before any error is raised
+            try:
+                return open_model(i)
+            except BaseException as err:
+                return err
+
+        per_model, failed = [], None
+        for i, got in enumerate(self.engine.each_worker(guarded, range(len(self.workers)))):
+            if isinstance(got, BaseException):
+                failed = failed or got
+            else:
+                per_model.append((i, got))
+        if failed is not None:
+            for i, states in per_model:
+                for st in states:
+                    self.workers[i].close(st)
+            raise failed
+        return [[states[r] for _, states in per_model] for r in range(len(firsts))]
 
     def requested(self, prefix: list[int]) -> Alt | None:
         return self.kept.get(self.engine, self.req.model, tuple(prefix), self.cancel, self.req.selection)
@@ -292,16 +338,21 @@ class _Request:
 
 
 class _Walk:
-    """One run of positions walked in order by one state per model (opened at its first
-    fused step), each position's proposals' tokens dropped at the next."""
+    """One run of positions walked in order by one state per model (`states`, at its first
+    position; the loop's Run over them is made at its first fused step), each position's
+    proposals' tokens dropped at the next."""
 
-    def __init__(self, request: _Request):
+    def __init__(self, request: _Request, states: list | None):
         self.request = request
+        self.states = states
         self.run: loop.Run | None = None
 
     def close(self) -> None:
         if self.run is not None:
             self.run.close()
+        elif self.states is not None:
+            for w, st in zip(self.request.workers, self.states):
+                w.close(st)
 
     def alternative(self, ids: list[int], pos: _Pending) -> tuple[str, Alt | None]:
         r = self.request
@@ -326,8 +377,7 @@ class _Walk:
         starts from the greedy tokens the full forward showed (`greedy`, as lookahead)."""
         r = self.request
         if self.run is None:
-            self.run = r.engine.run_over(r.workers, [w.open(p, Sampling()) for w, p in zip(r.workers, prompts)],
-                                         r.cancel, Stats(), r.sel, align=r.align)
+            self.run = r.engine.run_over(r.workers, self.states, r.cancel, Stats(), r.sel, align=r.align)
         for w, st, p, g in zip(r.workers, self.run.states, prompts, greedy):
             w.rewind(st, p, g)
         return loop.step(self.run)
