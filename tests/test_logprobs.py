@@ -159,6 +159,38 @@ def test_the_fused_alternative_is_the_token_the_fused_model_generates_after_the_
         assert abs(value - want) < TOL, i
 
 
+def test_the_walks_start_from_one_prefill_of_each_model(engine):
+    """The runs' states at their first positions: the last run's opened, the others forked
+    from it, so each model feeds the text's prefix once (as far as another run needs it), and
+    every state is what a fresh prefill of its prompt gives."""
+    from coolfusion.engine import alternatives as alt
+    from coolfusion.workers.local import common_prefix
+
+    ref = engine.workers[0]
+    ids = ref.text.tokenizer(ALT_TEXT).input_ids
+    req = GenerationRequest(prompt_ids=tuple(ids), model=COOL, max_tokens=0, echo=True, logprobs=1)
+    request = alt._Request(engine.alternatives, engine, req, None)
+    firsts = []
+    for j in (4, 9, 13, len(ids) - 1):
+        checked = engine.check(alt.definition(COOL, ids[:j], req.selection))
+        firsts.append(alt._Pending(j, checked.request, [checked.prompt_ids[w.name] for w in engine.workers],
+                                   [[] for _ in engine.workers]))
+    fed = [w.forward_tokens for w in engine.workers]
+    states = request.open_walks(firsts)
+    try:
+        for i, w in enumerate(engine.workers):
+            prompts = [f.prompts[i] for f in firsts]
+            assert w.forward_tokens - fed[i] == max(common_prefix(prompts[-1], p) for p in prompts[:-1]) > 10
+            for run in states:
+                cached, fresh = w.cached_logits(run[i]), w.fresh_logits(run[i])
+                assert (cached - fresh).abs().max() < 2e-3 and int(cached.argmax()) == int(fresh.argmax())
+    finally:
+        for run in states:
+            for w, st in zip(engine.workers, run):
+                w.close(st)
+    assert all(kv["slots_in_use"] == 0 for kv in engine.kv_report().values())
+
+
 def test_alternatives_kept_by_prefix_serve_another_text_with_the_same_context(engine):
     """A multiple-choice question's choices share their context: the second choice's context
     positions are answered from the cache, and its first own position gets the value its
