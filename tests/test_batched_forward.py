@@ -16,6 +16,10 @@ and 2e-3 (real), plus argmax equality on the real pair.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -136,6 +140,23 @@ def test_copy_gives_a_slot_the_prefix_of_another_and_leaves_the_source_as_it_was
     assert (out_a[0] - full_logits(tiny, ids + [4])[-1]).abs().max() < TOL_TINY
     with pytest.raises(ValueError):
         st.copy(a, b, 22)  # more than the source holds
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the reservation without commit is Linux's")
+def test_slots_larger_than_the_ram_leave_the_process_able_to_fork():
+    """The storage reserves address space only: with more slots than the machine has RAM the
+    process can still fork() (Ray and subprocesses start that way); with torch.empty it could
+    not (ENOMEM on this project's machines, whose kernels refuse a fork whose private memory
+    exceeds RAM + swap)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    per_slot = 2 * 8 * 8 * 4096 * 128 * 4  # keys and values x layers x KV heads x tokens x head dim x float32
+    st = SlotStorage(num_layers=8, kv_heads=8, head_dim=128, slots=int(1.25 * ram) // per_slot + 1, max_len=4096)
+    assert st.nbytes > ram
+    s = st.alloc()
+    st.k[0][s, :, :3] = 1.0  # a forward's writes commit only their pages
+    assert float(st.keys(0, s, 3).sum()) == 8 * 3 * 128
+    out = subprocess.run([sys.executable, "-c", "0"], preexec_fn=lambda: None)  # preexec_fn: a real fork()
+    assert out.returncode == 0
 
 
 def test_crop_and_refeed_is_a_fresh_sequence(tiny):
