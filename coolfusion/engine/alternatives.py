@@ -38,8 +38,8 @@ its own states in its own thread, so the decoding and scoring forwards of the ru
 each model's batched forward (coolfusion.runtime.batched_runner) instead of following one
 another. The runs' states are made first (`_Request.open_walks`): the last run's opened at
 its first position, the others forked from it (`Worker.fork`: the KV of the common prefix
-copied), so each model prefills the text once, not once per run. A run's answers do not depend on which run walks them: a step's state holds exactly
-its prompt (and the greedy tokens known to follow it) whatever it held before. The states
+copied), so each model prefills the text once, not once per run. A run's answers do not
+depend on which run walks them: a step's state holds exactly its prompt (and the greedy tokens known to follow it) whatever it held before. The states
 of every walk are closed before the Step is returned; `cancel` (the request timeout, a
 disconnect) is checked before each position of every run, and a failed run stops the others
 at their next position. `paths` counts how many positions each path answered (the
@@ -339,20 +339,17 @@ class _Request:
 
 class _Walk:
     """One run of positions walked in order by one state per model (`states`, at its first
-    position; the loop's Run over them is made at its first fused step), each position's
-    proposals' tokens dropped at the next."""
+    position; None when its positions are requests), each position's proposals' tokens
+    dropped at the next."""
 
     def __init__(self, request: _Request, states: list | None):
         self.request = request
-        self.states = states
-        self.run: loop.Run | None = None
+        self.run = None if states is None else request.engine.run_over(
+            request.workers, states, request.cancel, Stats(), request.sel, align=request.align)
 
     def close(self) -> None:
         if self.run is not None:
             self.run.close()
-        elif self.states is not None:
-            for w, st in zip(self.request.workers, self.states):
-                w.close(st)
 
     def alternative(self, ids: list[int], pos: _Pending) -> tuple[str, Alt | None]:
         r = self.request
@@ -376,8 +373,6 @@ class _Walk:
         """One fused step after the prompts, from the walking states; each model's decoding
         starts from the greedy tokens the full forward showed (`greedy`, as lookahead)."""
         r = self.request
-        if self.run is None:
-            self.run = r.engine.run_over(r.workers, self.states, r.cancel, Stats(), r.sel, align=r.align)
         for w, st, p, g in zip(r.workers, self.run.states, prompts, greedy):
             w.rewind(st, p, g)
         return loop.step(self.run)

@@ -288,6 +288,12 @@ def forward(model, storage: SlotStorage, items: list[Item], *, layout: str = "vi
     return res
 
 
+def block_positions(kv: int, blocks: list[tuple[int, int]], lead: int = 0) -> list[int]:
+    """The position of each new token of a blocks forward (both runners): the `lead` tokens of
+    the sequence at kv, kv+1, ..., then each block's (first position, length) in order."""
+    return list(range(kv, kv + lead)) + [q for first, n in blocks for q in range(first, first + n)]
+
+
 def block_pattern(kv: int, blocks: list[tuple[int, int]], device=None, lead: int = 0) -> torch.Tensor:
     """Who sees what, for scoring blocks appended after `kv` cached tokens (both runners):
     blocks = [(first_position, length)], each block's token j sees the cached tokens at slots

@@ -128,7 +128,7 @@ class BatchedRunner:
             item = Item(cache, list(tokens), rows="last" if last_only else "all")
         else:
             kv = self.storage.length(cache)
-            positions = list(range(kv, kv + lead)) + [q for first, n in blocks for q in range(first, first + n)]
+            positions = batched_forward.block_positions(kv, blocks, lead)
             sees = batched_forward.block_pattern(kv, blocks, device=self.device, lead=lead)
             rows = "last" if last_only else len(tokens) - lead if lead else "all"
             item = Item(cache, list(tokens), positions=positions, sees=sees, rows=rows)

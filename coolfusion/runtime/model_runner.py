@@ -80,8 +80,7 @@ class ModelRunner:
         inp = torch.tensor([tokens], device=self.device)  # (1, T)
         kwargs = {}
         if blocks is not None:
-            positions = list(range(past, past + lead)) + [q for first, n in blocks for q in range(first, first + n)]
-            kwargs["position_ids"] = torch.tensor([positions], device=self.device)
+            kwargs["position_ids"] = torch.tensor([batched_forward.block_positions(past, blocks, lead)], device=self.device)
             kwargs["attention_mask"] = self.block_mask(past, blocks, lead)
         else:
             kwargs["position_ids"] = torch.arange(past, past + len(tokens), device=self.device)[None]
@@ -125,8 +124,7 @@ class ModelRunner:
         and on sliding layers only the window. `blocks`: (first position, length) each."""
         dev = self.device
         allow = batched_forward.block_pattern(kv, blocks, device=dev, lead=lead)  # (T, kv+T)
-        q_pos = torch.cat([torch.arange(kv, kv + lead, device=dev)]
-                          + [torch.arange(first, first + n, device=dev) for first, n in blocks])  # (T,)
+        q_pos = torch.tensor(batched_forward.block_positions(kv, blocks, lead), device=dev)  # (T,)
         k_pos = torch.cat([torch.arange(kv, device=dev), q_pos])  # (kv+T,) cache slot == position for the prefix
         neg = torch.finfo(self.model.dtype).min
 
