@@ -109,3 +109,32 @@ def test_a_candidate_that_begins_the_decoded_tokens_is_scored_from_their_log_pro
                 checked += 1
             w.close(st)
     assert checked >= 4
+
+
+def test_a_lookahead_as_long_as_the_cap_gives_the_plain_capped_proposal(workers):
+    """A state rewound with `max_tokens` greedy tokens known (the fused alternatives pass what
+    a full forward showed) proposes what decoding from the prompt proposes: the cap applies to
+    the lookahead's tokens as to decoded ones. (Before, a lookahead without a cut was cut as a
+    whole and one more token decoded, so a capped proposal could end a token later.)"""
+    capped = 0
+    for w in workers:
+        for text in PROMPTS:
+            prompt = w.text.encode(text, special=True)
+            for cap in (2, 3, 4):
+                a = w.open(prompt)
+                plain = w.propose(a, True, cap)
+                w.close(a)
+                c = w.open(prompt)
+                w.propose(c, True, 64)  # the model's greedy tokens and their log-probs, well past the cap
+                greedy = list(zip(c.ids[len(prompt):], c.la_logprobs))[:cap]
+                w.close(c)
+                if len(greedy) < cap:
+                    continue
+                b = w.open(prompt)
+                w.rewind(b, prompt, greedy)
+                held = w.propose(b, True, cap)
+                w.close(b)
+                assert (held.text, held.eos, held.n_tokens, held.capped) == \
+                    (plain.text, plain.eos, plain.n_tokens, plain.capped), (w.name, text, cap)
+                capped += plain.capped
+    assert capped  # some of them were capped: the case this is about

@@ -188,6 +188,11 @@ class LocalWorker:
         return target[st.committed_len :] if p == st.committed_len else self.text.encode(draft)
 
     def _propose(self, st: State, align: bool, max_tokens: int, draft: str | None = None) -> Proposal:
+        """The proposal loop: the model's greedy (or sampled) tokens after its committed ones,
+        one at a time, in order, until the boundary rule cuts a candidate, an end token, or the
+        cap. They come from its lookahead first, then (with a `draft`) from the check forward,
+        then from decoding; the loop treats them all alike, so where a token came from never
+        changes the proposal."""
         splitters = self._splitters if align else (self.text.words,)
         base = st.committed_len
         st.checked = None
@@ -196,31 +201,33 @@ class LocalWorker:
             st.la_logprobs = []
             st.kv_len = min(st.kv_len, base)
             st.logits = None
-        toks = st.ids[base:]  # lookahead from the last step
-        logps = list(st.la_logprobs)
+        held = len(st.ids) - base  # lookahead from the last step
+        toks: list[int] = []
+        logps: list[float] = []
         ends: list[int | None] = []  # char length of decode(toks[:i+1]) when complete
-        for i in range(len(toks)):
-            ends.append(self.text.decoded_end(toks[: i + 1]))
-        prop = self._cut(toks, logps, ends, splitters)
         checked = None
-        if prop is None and draft is not None:  # the lookahead alone has no cut: check the draft
-            checked = draft_check.check(self, st, self._draft_ids(st, draft), list(toks), list(logps), max_tokens,
-                                        self.text.end_ids)
-            st.checked = checked
+        prop = None
         while prop is None:
-            if checked:  # the model's own greedy token, known from the check forward
-                tok, lp = checked.take(st)
+            if len(toks) < held:  # its own lookahead (never an end token)
+                tok, lp = st.ids[base + len(toks)], st.la_logprobs[len(toks)]
             else:
-                self._sync(st)
-                tok, lp = self._sample(st, st.logits)
-            if tok in self.text.end_ids:
-                text = self.text.decode(toks)
-                whole = not text.endswith(REPLACEMENT)
-                prop = Proposal(_complete(text), True, len(toks) if whole else None, logps, end_id=tok)
-                break
+                if draft is not None:  # the lookahead had no cut: check the draft past it
+                    checked = draft_check.check(self, st, self._draft_ids(st, draft), list(toks), list(logps),
+                                                max_tokens, self.text.end_ids)
+                    st.checked, draft = checked, None
+                if checked:  # the model's own greedy token, known from the check forward
+                    tok, lp = checked.take(st)
+                else:
+                    self._sync(st)
+                    tok, lp = self._sample(st, st.logits)
+                if tok in self.text.end_ids:
+                    text = self.text.decode(toks)
+                    whole = not text.endswith(REPLACEMENT)
+                    prop = Proposal(_complete(text), True, len(toks) if whole else None, list(logps), end_id=tok)
+                    break
+                st.ids.append(tok)
             toks.append(tok)
             logps.append(lp)
-            st.ids.append(tok)
             ends.append(self.text.decoded_end(toks))
             prop = self._cut(toks, logps, ends, splitters)
             if prop is None and len(toks) >= max_tokens:
@@ -229,7 +236,8 @@ class LocalWorker:
                     prop = Proposal(self.text.decode(toks[:n]), False, n, logps[:n], True, _starts(ends[:n]))
                 elif len(toks) >= max_tokens + 3:  # a character has at most 4 bytes: these never
                     # complete one (not UTF-8), so cut anyway; decode() made them U+FFFD
-                    prop = Proposal(self.text.decode(toks), False, len(toks), logps, True, _starts(ends))
+                    prop = Proposal(self.text.decode(toks), False, len(toks), list(logps), True, _starts(ends))
+        logps += st.la_logprobs[len(toks):held]  # the lookahead past the cut stays lookahead
         st.la_logprobs = logps
         if not prop.eos:  # the whole decoded text is what a draft offers the other models
             full = _complete(self.text.decode(st.ids[base:]))
