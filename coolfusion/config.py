@@ -106,6 +106,10 @@ class FusionConfig(BaseModel):
     drafter: str = Field(default="winner", description=(
         "who drafts with `speculative`: winner (the last step's winner; the fastest on the first step), "
         "fastest (cheapest measured forward), or a model's name; winner by measurement, docs/speculative.md"))
+    speculative_max_requests: int = Field(default=1, ge=1, description=(
+        "with `speculative`: a step speculates only while at most this many requests are generating "
+        "on the engine; under more load it proposes plainly, whose forwards batch better "
+        "(measured in docs/speculative.md)"))
 
 
 class ServerConfig(BaseModel):

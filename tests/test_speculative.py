@@ -34,7 +34,7 @@ def _lockstep(engine, prompt: str, model: str, drafter: str):
     req = GenerationRequest(prompt=prompt, model=model, max_tokens=64)
     plain = engine.open_run(replace(req, speculative=False))
     spec = engine.open_run(replace(req, speculative=True))
-    spec.drafting = speculation.Drafting(drafter, tuple(engine.source_names))
+    spec.drafting = speculation.Drafting(drafter, lambda: tuple(engine.source_names))
     try:
         for _ in range(STEPS):
             a = loop.propose(plain)
@@ -116,13 +116,34 @@ def test_speculative_proposals_with_the_batched_runner_give_the_plain_text(engin
     from concurrent.futures import ThreadPoolExecutor
 
     batched = engine.with_fusion(engine.fusion.model_copy(update={"batching": True, "kv_slots": 4,
-                                                                   "speculative": True}))
+                                                                   "speculative": True, "speculative_max_requests": 4}))
     try:
-        reqs = [GenerationRequest(prompt=p, max_tokens=16) for p in PROMPTS[:4]]
+        reqs = [GenerationRequest(prompt=p, max_tokens=16, trace=True) for p in PROMPTS[:4]]
         plain = [engine.complete_text(replace(r, speculative=False))[0] for r in reqs]
         with ThreadPoolExecutor(4) as ex:
-            spec = list(ex.map(lambda r: batched.complete_text(r)[0], reqs))
-        assert spec == plain
+            runs = list(ex.map(lambda r: list(batched.generate(r)), reqs))
+        assert ["".join(s.text for s in steps) for steps in runs] == plain
+        assert all(s.speculation for steps in runs for s in steps)  # every step drafted and checked
         assert max(max(w.runner.batch_sizes) for w in batched.workers) > 1  # they did share forwards
     finally:
         batched.close()
+
+
+def test_under_load_steps_propose_plainly_and_alone_they_speculate_again(engine):
+    """`fusion.speculative_max_requests` 1: while another request is generating on the
+    engine, a speculative request's steps propose plainly (no draft in the trace); alone, they
+    draft again. The text is the plain one either way."""
+    spec_engine = type(engine)(engine.workers, engine.fusion.model_copy(
+        update={"speculative": True, "speculative_max_requests": 1}), engine.templates)
+    req = GenerationRequest(prompt="def fibonacci(n):", max_tokens=16, trace=True)
+    plain = engine.complete_text(replace(req, speculative=False))[0]
+    other = spec_engine.generate(GenerationRequest(prompt="The capital of France is", max_tokens=64))
+    next(other)  # generating (and holding its states) until closed
+    try:
+        loaded = list(spec_engine.generate(req))
+    finally:
+        other.close()
+    alone = list(spec_engine.generate(req))
+    assert "".join(s.text for s in loaded) == "".join(s.text for s in alone) == plain
+    assert all(s.speculation is None for s in loaded)
+    assert all(s.speculation for s in alone)

@@ -4,7 +4,9 @@ proposals off and on (docs/speculative.md), in one run over the same loaded mode
 Per setting: model forwards per selected segment and model-busy seconds per segment (both
 summed over the models, one request at a time, `fusion.batching` off), single-stream
 characters/s (one request at a time, `fusion.batching` off), and the aggregate characters/s of
-8 concurrent clients with `fusion.batching` on. Single-stream figures are also given for every
+8 concurrent clients with `fusion.batching` on: "on" as configured (a step speculates only
+while at most `fusion.speculative_max_requests` requests generate, 1 by default), and "on, at
+any load" with every step speculating. Single-stream figures are also given for every
 drafter choice (`fusion.drafter`). Every text is compared with the plain one (`identical`).
 """
 
@@ -64,11 +66,14 @@ def measure(engine, prompts, max_tokens: int, *, clients: int = CLIENTS) -> dict
         eng.close()
     res["on"]["identical"] = res["on"]["texts"] == plain
     solo = {i: plain[i % len(prompts)] for i in range(clients)}
-    for flag, name in ((False, "off"), (True, "on")):
+    key = _clients_key(clients)
+    res["on_at_any_load"] = {}
+    for flag, name, gate in ((False, "off", {}), (True, "on", {}),
+                             (True, "on_at_any_load", {"speculative_max_requests": clients})):
         eng = engine.with_fusion(base.model_copy(update={"speculative": flag, "batching": True,
-                                                        "kv_slots": max(clients, base.kv_slots)}))
+                                                        "kv_slots": max(clients, base.kv_slots), **gate}))
         row = concurrency.level(eng, COOL, clients, max_tokens, solo, prompts)
-        res[name]["chars_per_s_8_clients" if clients == 8 else f"chars_per_s_{clients}_clients"] = row["chars_per_s"]
+        res[name][key] = row["chars_per_s"]
         res[name]["identical_8_clients"] = row["identical"]
         eng.close()
     for name in ("off", "on"):
@@ -78,20 +83,27 @@ def measure(engine, prompts, max_tokens: int, *, clients: int = CLIENTS) -> dict
     return res
 
 
+def _clients_key(clients: int) -> str:
+    return "chars_per_s_8_clients" if clients == 8 else f"chars_per_s_{clients}_clients"
+
+
 def print_table(res: dict) -> None:
     print(f"\nspeculative proposals: {res['prompts']} prompts x {res['max_tokens']} tokens, greedy cool-fusion; "
           f"default drafter {res['default_drafter']!r}")
     print(f"{'setting':22} {'fwd/segment':>11} {'busy s/seg':>10} {'chars/s':>8} {'accepted/checked':>17} "
           f"{'chars/s ' + str(res['clients']) + ' clients':>17} {'identical':>9}")
-    key = "chars_per_s_8_clients" if res["clients"] == 8 else f"chars_per_s_{res['clients']}_clients"
+    key = _clients_key(res["clients"])
     rows = [("off", res["off"]), ("on", res["on"])] + [(f"on, drafter {k}", v) for k, v in res["drafters"].items()]
     for label, r in rows:
         many = f"{r[key]:17.1f}" if key in r else f"{'-':>17}"
         same = r.get("identical", True) and r.get("identical_8_clients", True)
         print(f"{label:22} {r['forwards_per_segment']:11.2f} {r['busy_s_per_segment']:10.3f} {r['chars_per_s']:8.1f} "
               f"{str(r['draft_tokens_accepted']) + '/' + str(r['draft_tokens_checked']):>17} {many} {str(same):>9}")
+    anyload = res["on_at_any_load"]
+    print(f"{'on, at any load':22} {'-':>11} {'-':>10} {'-':>8} {'-':>17} {anyload[key]:17.1f} "
+          f"{str(anyload['identical_8_clients']):>9}")
     off, on = res["off"], res["on"]
     print(f"on vs off: forwards/segment {on['forwards_per_segment'] / off['forwards_per_segment'] - 1:+.0%}, "
           f"busy s/segment {on['busy_s_per_segment'] / off['busy_s_per_segment'] - 1:+.0%}, "
           f"single stream {on['chars_per_s'] / off['chars_per_s']:.2f}x, "
-          f"{res['clients']} clients {on[key] / off[key]:.2f}x")
+          f"{res['clients']} clients {on[key] / off[key]:.2f}x (speculating at any load {anyload[key] / off[key]:.2f}x)")

@@ -92,7 +92,7 @@ def propose(run: Run) -> list[Proposal]:
 def propose_step(run: Run) -> tuple[list[Proposal], dict | None]:
     """Every model's proposal: each decoding its own, or, with speculation, one drafting and
     the others checking its draft (the same proposals); and the speculation record."""
-    if run.drafting is None or len(run.workers) < 2:
+    if run.drafting is None or len(run.workers) < 2 or not run.drafting.on():
         return propose(run), None
     return propose_with_draft(run, run.drafting)
 

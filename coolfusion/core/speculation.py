@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from coolfusion.workers.protocol import Proposal
 
@@ -25,12 +25,20 @@ DRAFTER_RULES = ("fastest", "winner")
 
 @dataclass
 class Drafting:
-    """One request's drafter choice. `fastest_first`: the source model names, cheapest
-    forward first (measured once per engine)."""
+    """One request's drafter choice. `fastest_first()`: the source model names, cheapest
+    forward first (measured once per engine, when a step first needs it). A step speculates only while `load()` (requests
+    generating on the engine) is at most `max_requests` (config `fusion.speculative_max_requests`):
+    under load, plain proposals share each batched forward better (docs/speculative.md)."""
 
     rule: str  # "fastest" | "winner" | a model name
-    fastest_first: tuple[str, ...]
+    fastest_first: Callable[[], Sequence[str]]
     last_winner: str | None = None
+    load: Callable[[], int] = lambda: 1
+    max_requests: int | None = None  # None: whatever the load
+
+    def on(self) -> bool:
+        """Whether this step drafts and checks (else every model proposes as without speculation)."""
+        return self.max_requests is None or self.load() <= self.max_requests
 
     def drafter(self, names: Sequence[str]) -> int:
         """Index in `names` (the run's models, config order) of this step's drafter."""
@@ -38,7 +46,8 @@ class Drafting:
             return list(names).index(self.last_winner)
         if self.rule in names:
             return list(names).index(self.rule)
-        return min(range(len(names)), key=lambda i: _rank(self.fastest_first, names[i]))
+        order = self.fastest_first()
+        return min(range(len(names)), key=lambda i: _rank(order, names[i]))
 
 
 def _rank(order: Sequence[str], name: str) -> int:

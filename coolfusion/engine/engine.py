@@ -76,6 +76,7 @@ class Engine:
         self._active_lock = threading.Lock()
         self.alternatives = alternatives.Alternatives()  # the fused ids' top alternatives, by prefix
         self._fastest_first: tuple[str, ...] | None = None  # drafter order (coolfusion.core.speculation)
+        self._fastest_lock = threading.Lock()
 
     # ---- construction ----------------------------------------------------------------------
 
@@ -120,7 +121,9 @@ class Engine:
         loaded = [w.loaded if isinstance(w, LocalWorker) else None for w in self.workers]
         if any(m is None for m in loaded):
             raise TypeError("with_fusion needs workers built from loaded models (LocalWorker.from_loaded)")
-        return Engine.from_models(loaded, fusion, dict(self.templates))
+        engine = Engine.from_models(loaded, fusion, dict(self.templates))
+        engine._fastest_first = self._fastest_first  # the same models: their measured speed order
+        return engine
 
     @property
     def default_max_tokens(self) -> int:
@@ -327,26 +330,31 @@ class Engine:
         on = self.fusion.speculative if req.speculative is None else req.speculative
         if not on or req.temperature > 0 or not self.fusion.fast_paths or len(workers) < 2:
             return None
-        return speculation.Drafting(self.fusion.drafter, self.fastest_first())
+        return speculation.Drafting(self.fusion.drafter, self.fastest_first, load=lambda: self._active,
+                                    max_requests=self.fusion.speculative_max_requests)
 
     def fastest_first(self) -> tuple[str, ...]:
         """The source models by the measured time of a two-token forward (min of 5: a
-        decode's cost, with the head over the vocabulary), cheapest first; measured once, on
-        the first speculative request."""
-        if self._fastest_first is None:
-            ids = [1, 2]
-
-            def cost(w: Worker) -> float:
-                times = []
-                for _ in range(5):
-                    t = time.perf_counter()
-                    w.sequence_logprobs(ids)
-                    times.append(time.perf_counter() - t)
-                return min(times)
-
-            costs = [cost(w) for w in self.workers]  # one at a time: no contention between them
-            self._fastest_first = tuple(n for _, n in sorted(zip(costs, self.source_names)))
+        decode's cost, with the head over the vocabulary), cheapest first; measured once, when
+        the first speculative step needs it (requests arriving meanwhile wait for it)."""
+        with self._fastest_lock:
+            if self._fastest_first is None:
+                self._fastest_first = self._measure_fastest_first()
         return self._fastest_first
+
+    def _measure_fastest_first(self) -> tuple[str, ...]:
+        ids = [1, 2]
+
+        def cost(w: Worker) -> float:
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                w.sequence_logprobs(ids)
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        costs = [cost(w) for w in self.workers]  # one at a time: no contention between them
+        return tuple(n for _, n in sorted(zip(costs, self.source_names)))
 
     def _raw_steps(self, checked: Checked, cancel, stats, runs, sel) -> Iterator[loop.RawStep]:
         model = checked.request.model

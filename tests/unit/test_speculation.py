@@ -54,12 +54,12 @@ def test_agreeing_scripts_accept_the_draft_and_a_request_can_turn_speculation_of
 
 
 def test_drafter_rules():
-    d = Drafting("fastest", ("b", "a"))
+    d = Drafting("fastest", lambda: ("b", "a"))
     assert d.drafter(["a", "b"]) == 1
-    d = Drafting("winner", ("a", "b"), last_winner="b")
+    d = Drafting("winner", lambda: ("a", "b"), last_winner="b")
     assert d.drafter(["a", "b"]) == 1
-    assert Drafting("winner", ("b", "a")).drafter(["a", "b"]) == 1  # first step: the fastest
-    assert Drafting("a", ("b", "a")).drafter(["a", "b"]) == 0
+    assert Drafting("winner", lambda: ("b", "a")).drafter(["a", "b"]) == 1  # first step: the fastest
+    assert Drafting("a", lambda: ("b", "a")).drafter(["a", "b"]) == 0
 
 
 def test_config_names_a_bad_drafter():
@@ -87,3 +87,22 @@ def test_the_trace_and_metrics_show_the_drafter_and_accepted_tokens():
     accepted = sum(s.speculation["accepted"]["m1"] for s in steps)
     assert f'coolfusion_speculative_accepted_tokens_total{{model="m1"}} {float(accepted)}' in text
     assert f'coolfusion_speculative_drafts_total{{model="m0"}} {float(len(steps))}' in text
+
+
+def test_the_speed_order_is_measured_only_when_a_rule_needs_it():
+    def unmeasurable():
+        raise AssertionError("measured although the rule did not need it")
+
+    assert Drafting("a", unmeasurable).drafter(["a", "b"]) == 0
+    assert Drafting("winner", unmeasurable, last_winner="b").drafter(["a", "b"]) == 1
+
+
+def test_a_step_speculates_only_while_the_load_is_at_most_max_requests():
+    load = [1]
+    d = Drafting("winner", lambda: ("a", "b"), load=lambda: load[0], max_requests=2)
+    seen = []
+    for n in (1, 2, 3, 8, 2):
+        load[0] = n
+        seen.append(d.on())
+    assert seen == [True, True, False, False, True]
+    assert Drafting("winner", lambda: ("a", "b"), load=lambda: 99).on()  # no limit
