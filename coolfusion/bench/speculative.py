@@ -4,15 +4,16 @@ proposals off and on (docs/speculative.md), in one run over the same loaded mode
 Per setting: model forwards per selected segment and model-busy seconds per segment (both
 summed over the models, one request at a time, `fusion.batching` off), single-stream
 characters/s (one request at a time, `fusion.batching` off), and the aggregate characters/s of
-8 concurrent clients with `fusion.batching` on: "on" as configured (a step speculates only
-while at most `fusion.speculative_max_requests` requests generate, 1 by default), and "on, at
-any load" with every step speculating. Single-stream figures are also given for every
+concurrent clients (8 by default; `--speculative-clients 1,2,4,8`) with `fusion.batching` on:
+"on" as configured (a step speculates only while at most `fusion.speculative_max_requests`
+requests generate, 1 by default), and "on, at any load" with every step speculating. Single-stream figures are also given for every
 drafter choice (`fusion.drafter`). Every text is compared with the plain one (`identical`).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Sequence
 
 from coolfusion.bench import concurrency
 from coolfusion.core.types import COOL, GenerationRequest
@@ -49,13 +50,16 @@ def single_stream(engine, prompts, max_tokens: int) -> dict:
             "draft_tokens_checked": checked, "draft_tokens_accepted": accepted, "texts": texts}
 
 
-def measure(engine, prompts, max_tokens: int, *, clients: int = CLIENTS) -> dict:
-    """{off: {...}, on: {...}, drafters: {rule: single-stream figures}, default_drafter}."""
+def measure(engine, prompts, max_tokens: int, *, clients: Sequence[int] = (CLIENTS,), repeat: int = 1) -> dict:
+    """{off: {...}, on: {...}, on_at_any_load: {...}, drafters: {rule: single-stream figures},
+    default_drafter}; per client level c, `chars_per_s_{c}_clients` (the best of `repeat`
+    runs, the settings interleaved) and `identical_{c}_clients` in off, on and on_at_any_load."""
     base = engine.fusion.model_copy(update={"batching": False})
     setting = {flag: engine.with_fusion(base.model_copy(update={"speculative": flag})) for flag in (False, True)}
     single_stream(setting[True], prompts[:1], 8)  # warm-up (and the drafter order's measurement)
-    res: dict = {"prompts": len(prompts), "max_tokens": max_tokens, "clients": clients,
-                 "default_drafter": base.drafter, "drafters": {}}
+    res: dict = {"prompts": len(prompts), "max_tokens": max_tokens, "clients": list(clients),
+                 "default_drafter": base.drafter, "default_max_requests": base.speculative_max_requests,
+                 "drafters": {}, "on_at_any_load": {}}
     for flag, name in ((False, "off"), (True, "on")):
         res[name] = single_stream(setting[flag], prompts, max_tokens)
     plain = res["off"]["texts"]
@@ -65,45 +69,49 @@ def measure(engine, prompts, max_tokens: int, *, clients: int = CLIENTS) -> dict
         res["drafters"][rule]["identical"] = res["drafters"][rule].pop("texts") == plain
         eng.close()
     res["on"]["identical"] = res["on"]["texts"] == plain
-    solo = {i: plain[i % len(prompts)] for i in range(clients)}
-    key = _clients_key(clients)
-    res["on_at_any_load"] = {}
-    for flag, name, gate in ((False, "off", {}), (True, "on", {}),
-                             (True, "on_at_any_load", {"speculative_max_requests": clients})):
-        eng = engine.with_fusion(base.model_copy(update={"speculative": flag, "batching": True,
-                                                        "kv_slots": max(clients, base.kv_slots), **gate}))
-        row = concurrency.level(eng, COOL, clients, max_tokens, solo, prompts)
-        res[name][key] = row["chars_per_s"]
-        res[name]["identical_8_clients"] = row["identical"]
+    slots = max(max(clients), base.kv_slots)
+    concurrent = {name: engine.with_fusion(base.model_copy(update={"speculative": flag, "batching": True,
+                                                                   "kv_slots": slots, **gate}))
+                  for flag, name, gate in ((False, "off", {}), (True, "on", {}),
+                                           (True, "on_at_any_load", {"speculative_max_requests": max(clients)}))}
+    for c in clients:
+        solo = {i: plain[i % len(prompts)] for i in range(c)}
+        for _ in range(repeat):
+            for name, eng in concurrent.items():
+                row = concurrency.level(eng, COOL, c, max_tokens, solo, prompts)
+                key = _clients_key(c)
+                res[name][key] = max(res[name].get(key, 0.0), row["chars_per_s"])
+                res[name][f"identical_{c}_clients"] = res[name].get(f"identical_{c}_clients", True) and row["identical"]
+    for eng in (*concurrent.values(), *setting.values()):
         eng.close()
     for name in ("off", "on"):
         res[name].pop("texts", None)
-    for eng in setting.values():
-        eng.close()
     return res
 
 
 def _clients_key(clients: int) -> str:
-    return "chars_per_s_8_clients" if clients == 8 else f"chars_per_s_{clients}_clients"
+    return f"chars_per_s_{clients}_clients"
 
 
 def print_table(res: dict) -> None:
     print(f"\nspeculative proposals: {res['prompts']} prompts x {res['max_tokens']} tokens, greedy cool-fusion; "
           f"default drafter {res['default_drafter']!r}")
-    print(f"{'setting':22} {'fwd/segment':>11} {'busy s/seg':>10} {'chars/s':>8} {'accepted/checked':>17} "
-          f"{'chars/s ' + str(res['clients']) + ' clients':>17} {'identical':>9}")
-    key = _clients_key(res["clients"])
+    print(f"{'setting':24} {'fwd/segment':>11} {'busy s/seg':>10} {'chars/s':>8} {'accepted/checked':>17} {'identical':>9}")
     rows = [("off", res["off"]), ("on", res["on"])] + [(f"on, drafter {k}", v) for k, v in res["drafters"].items()]
     for label, r in rows:
-        many = f"{r[key]:17.1f}" if key in r else f"{'-':>17}"
-        same = r.get("identical", True) and r.get("identical_8_clients", True)
-        print(f"{label:22} {r['forwards_per_segment']:11.2f} {r['busy_s_per_segment']:10.3f} {r['chars_per_s']:8.1f} "
-              f"{str(r['draft_tokens_accepted']) + '/' + str(r['draft_tokens_checked']):>17} {many} {str(same):>9}")
-    anyload = res["on_at_any_load"]
-    print(f"{'on, at any load':22} {'-':>11} {'-':>10} {'-':>8} {'-':>17} {anyload[key]:17.1f} "
-          f"{str(anyload['identical_8_clients']):>9}")
-    off, on = res["off"], res["on"]
+        print(f"{label:24} {r['forwards_per_segment']:11.2f} {r['busy_s_per_segment']:10.3f} {r['chars_per_s']:8.1f} "
+              f"{str(r['draft_tokens_accepted']) + '/' + str(r['draft_tokens_checked']):>17} {str(r.get('identical', True)):>9}")
+    off, on, anyload = res["off"], res["on"], res["on_at_any_load"]
+    print(f"\nconcurrent clients, batching on (aggregate chars/s; 'on' speculates while at most "
+          f"{res['default_max_requests']} request(s) generate):")
+    print(f"{'clients':>7} {'off':>8} {'on':>8} {'on, at any load':>16} {'on/off':>7} {'any/off':>8} {'identical':>9}")
+    for c in res["clients"]:
+        k = _clients_key(c)
+        same = all(r[f"identical_{c}_clients"] for r in (off, on, anyload))
+        print(f"{c:7} {off[k]:8.1f} {on[k]:8.1f} {anyload[k]:16.1f} {on[k] / off[k]:6.2f}x {anyload[k] / off[k]:7.2f}x "
+              f"{str(same):>9}")
+    k8 = _clients_key(CLIENTS if CLIENTS in res["clients"] else res["clients"][-1])
     print(f"on vs off: forwards/segment {on['forwards_per_segment'] / off['forwards_per_segment'] - 1:+.0%}, "
           f"busy s/segment {on['busy_s_per_segment'] / off['busy_s_per_segment'] - 1:+.0%}, "
           f"single stream {on['chars_per_s'] / off['chars_per_s']:.2f}x, "
-          f"{res['clients']} clients {on[key] / off[key]:.2f}x (speculating at any load {anyload[key] / off[key]:.2f}x)")
+          f"{k8.split('_')[3]} clients {on[k8] / off[k8]:.2f}x (speculating at any load {anyload[k8] / off[k8]:.2f}x)")

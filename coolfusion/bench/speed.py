@@ -22,7 +22,8 @@ their weights at random (any device): the same models with and without training.
 
 Then (`--speculative also`, the default; `only` runs just this) speculative proposals off and
 on over the same models: forwards and busy seconds per segment, single-stream chars/s and the
-8-client aggregate (coolfusion/bench/speculative.py; `--json` writes `speculative: {off, on}`).
+aggregate of concurrent clients (8, or `--speculative-clients`), as configured and speculating at
+any load (coolfusion/bench/speculative.py; `--json` writes `speculative: {off, on, on_at_any_load}`).
 """
 
 from __future__ import annotations
@@ -82,14 +83,22 @@ def add_arguments(p) -> None:
                         "loaded models (default: both)")
     p.add_argument("--repeat", type=int, default=2,
                    help="with --concurrency and both batching modes: how many times one client runs with "
-                        "batching off and on, alternating, after the levels (default 2)")
+                        "batching off and on, alternating, after the levels; with the speculative section: how "
+                        "many times each client level runs per setting, interleaved, the best kept (default 2)")
     p.add_argument("--speculative", choices=["also", "only", "skip"], default="also",
                    help="speculative proposals off and on over the same models (coolfusion/bench/speculative.py): "
                         "after the other figures (also, the default), alone (only), or not at all (skip)")
+    p.add_argument("--speculative-clients", default="8",
+                   help="the speculative section's concurrent client levels, comma-separated (default: 8)")
     p.add_argument("--ray", action="store_true",
                    help="also run (c) with backend: ray on a local Ray cluster and print the Ray "
                         "overhead per step against local; with --concurrency, the levels again with "
                         "backend: ray, outputs compared with the local backend's (needs pip install .[ray])")
+
+
+def _speculative(engine, prompts, args) -> dict:
+    clients = [int(c) for c in str(args.speculative_clients).split(",") if c.strip()]
+    return speculative.measure(engine, prompts, args.max_tokens, clients=clients, repeat=max(1, args.repeat))
 
 
 def _peak_mem() -> dict:
@@ -346,7 +355,7 @@ def run(args) -> int:
         return 0
     prompts = PROMPTS[: max(1, min(args.prompts, len(PROMPTS)))]
     if args.speculative == "only":
-        res = {"load_seconds": load_s, "speculative": speculative.measure(engine, prompts, args.max_tokens)}
+        res = {"load_seconds": load_s, "speculative": _speculative(engine, prompts, args)}
         speculative.print_table(res["speculative"])
         _write_json(args.json_path, res)
         return 0
@@ -357,7 +366,7 @@ def run(args) -> int:
         res["ray"] = _ray_overhead(args, prompts, args.max_tokens, res["cool_fusion"])
     _print(res, engine.source_names)
     if args.speculative == "also":
-        res["speculative"] = speculative.measure(engine, prompts, args.max_tokens)
+        res["speculative"] = _speculative(engine, prompts, args)
         speculative.print_table(res["speculative"])
     _write_json(args.json_path, res)
     return 0
