@@ -80,7 +80,10 @@ def measure(engine, prompts, max_tokens: int, *, clients: Sequence[int] = (CLIEN
             for name, eng in concurrent.items():
                 row = concurrency.level(eng, COOL, c, max_tokens, solo, prompts)
                 key = _clients_key(c)
-                res[name][key] = max(res[name].get(key, 0.0), row["chars_per_s"])
+                if row["chars_per_s"] > res[name].get(key, 0.0):
+                    res[name][key] = row["chars_per_s"]
+                    res[name][f"mean_batch_{c}_clients"] = row["mean_batch"]
+                    res[name][f"model_busy_{c}_clients"] = row["model_busy"]
                 res[name][f"identical_{c}_clients"] = res[name].get(f"identical_{c}_clients", True) and row["identical"]
     for eng in (*concurrent.values(), *setting.values()):
         eng.close()
@@ -104,12 +107,15 @@ def print_table(res: dict) -> None:
     off, on, anyload = res["off"], res["on"], res["on_at_any_load"]
     print(f"\nconcurrent clients, batching on (aggregate chars/s; 'on' speculates while at most "
           f"{res['default_max_requests']} request(s) generate):")
-    print(f"{'clients':>7} {'off':>8} {'on':>8} {'on, at any load':>16} {'on/off':>7} {'any/off':>8} {'identical':>9}")
+    print(f"{'clients':>7} {'off':>8} {'on':>8} {'on, at any load':>16} {'on/off':>7} {'any/off':>8} "
+          f"{'mean batch off/on/any':>22} {'models busy off | any':>22} {'identical':>9}")
     for c in res["clients"]:
         k = _clients_key(c)
         same = all(r[f"identical_{c}_clients"] for r in (off, on, anyload))
+        batch = "/".join(f"{b:.1f}" if (b := r[f"mean_batch_{c}_clients"]) else "-" for r in (off, on, anyload))
+        busy = " | ".join("/".join(f"{b:.0%}" for b in r[f"model_busy_{c}_clients"]) for r in (off, anyload))
         print(f"{c:7} {off[k]:8.1f} {on[k]:8.1f} {anyload[k]:16.1f} {on[k] / off[k]:6.2f}x {anyload[k] / off[k]:7.2f}x "
-              f"{str(same):>9}")
+              f"{batch:>22} {busy:>22} {str(same):>9}")
     k8 = _clients_key(CLIENTS if CLIENTS in res["clients"] else res["clients"][-1])
     print(f"on vs off: forwards/segment {on['forwards_per_segment'] / off['forwards_per_segment'] - 1:+.0%}, "
           f"busy s/segment {on['busy_s_per_segment'] / off['busy_s_per_segment'] - 1:+.0%}, "
