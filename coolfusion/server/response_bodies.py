@@ -11,8 +11,9 @@ In a stream every content chunk carries its step as `fusion_step`. A step is
 `score` the selection rule's combination of them (the winner has the lowest), `selection`
 the rule (fused ids only; `weights` for `weighted`). A perplexity that is not finite is sent
 as null (`coolfusion.server.errors.dumps`). With speculative proposals (docs/speculative.md) a
-step also carries `"speculation": {"drafter", "checked": {model: n}, "accepted": {model: n}}`:
-who drafted, and per other model the draft tokens its check fed and accepted.
+step that drafted also carries `"speculation": {"drafter", "checked": {model: n}, "accepted":
+{model: n}}`: who drafted, and per other model the draft tokens its check fed and accepted (a
+step under load, `fusion.speculative_max_requests`, proposes plainly and carries none).
 
 Log-probs (request `logprobs`, and `echo` on completions) come from the engine's Steps
 (coolfusion.engine.likelihood): completions carry OpenAI's legacy shape `{"tokens", "token_logprobs",
