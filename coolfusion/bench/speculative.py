@@ -6,8 +6,9 @@ summed over the models, one request at a time, `fusion.batching` off), single-st
 characters/s (one request at a time, `fusion.batching` off), and the aggregate characters/s of
 concurrent clients (8 by default; `--speculative-clients 1,2,4,8`) with `fusion.batching` on:
 "on" as configured (a step speculates only while at most `fusion.speculative_max_requests`
-requests generate, 1 by default), and "on, at any load" with every step speculating. Single-stream figures are also given for every
-drafter choice (`fusion.drafter`). Every text is compared with the plain one (`identical`).
+requests generate, 1 by default), and "on, at any load" with every step speculating.
+Single-stream figures are also given for every drafter choice (`fusion.drafter`). Every text
+is compared with the plain one (`identical`).
 """
 
 from __future__ import annotations
@@ -100,11 +101,13 @@ def _clients_key(clients: int) -> str:
 def print_table(res: dict) -> None:
     print(f"\nspeculative proposals: {res['prompts']} prompts x {res['max_tokens']} tokens, greedy cool-fusion; "
           f"default drafter {res['default_drafter']!r}")
-    print(f"{'setting':24} {'fwd/segment':>11} {'busy s/seg':>10} {'chars/s':>8} {'accepted/checked':>17} {'identical':>9}")
+    print(f"{'setting':24} {'fwd/segment':>11} {'busy s/seg':>10} {'chars/s':>8} {'accepted/checked':>17} "
+          f"{'identical':>9}")
     rows = [("off", res["off"]), ("on", res["on"])] + [(f"on, drafter {k}", v) for k, v in res["drafters"].items()]
     for label, r in rows:
+        drafts = f"{r['draft_tokens_accepted']}/{r['draft_tokens_checked']}"
         print(f"{label:24} {r['forwards_per_segment']:11.2f} {r['busy_s_per_segment']:10.3f} {r['chars_per_s']:8.1f} "
-              f"{str(r['draft_tokens_accepted']) + '/' + str(r['draft_tokens_checked']):>17} {str(r.get('identical', True)):>9}")
+              f"{drafts:>17} {str(r.get('identical', True)):>9}")
     off, on, anyload = res["off"], res["on"], res["on_at_any_load"]
     print(f"\nconcurrent clients, batching on (aggregate chars/s; 'on' speculates while at most "
           f"{res['default_max_requests']} request(s) generate):")
@@ -117,8 +120,9 @@ def print_table(res: dict) -> None:
         busy = " | ".join("/".join(f"{b:.0%}" for b in r[f"model_busy_{c}_clients"]) for r in (off, anyload))
         print(f"{c:7} {off[k]:8.1f} {on[k]:8.1f} {anyload[k]:16.1f} {on[k] / off[k]:6.2f}x {anyload[k] / off[k]:7.2f}x "
               f"{batch:>22} {busy:>22} {str(same):>9}")
-    k8 = _clients_key(CLIENTS if CLIENTS in res["clients"] else res["clients"][-1])
+    n = CLIENTS if CLIENTS in res["clients"] else res["clients"][-1]
+    k8 = _clients_key(n)
     print(f"on vs off: forwards/segment {on['forwards_per_segment'] / off['forwards_per_segment'] - 1:+.0%}, "
           f"busy s/segment {on['busy_s_per_segment'] / off['busy_s_per_segment'] - 1:+.0%}, "
           f"single stream {on['chars_per_s'] / off['chars_per_s']:.2f}x, "
-          f"{k8.split('_')[3]} clients {on[k8] / off[k8]:.2f}x (speculating at any load {anyload[k8] / off[k8]:.2f}x)")
+          f"{n} clients {on[k8] / off[k8]:.2f}x (speculating at any load {anyload[k8] / off[k8]:.2f}x)")

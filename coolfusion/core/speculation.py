@@ -9,7 +9,7 @@ proposal, hence every selected segment, is the one the plain propose phase gives
 
 Who drafts (config `fusion.drafter`): `winner` (the default), the last step's winner (the
 fastest on the first step); `fastest`, the model whose forward was measured cheapest; or a
-model's name.
+model's name. Under load (`fusion.speculative_max_requests`) a step proposes plainly.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ DRAFTER_RULES = ("fastest", "winner")
 @dataclass
 class Drafting:
     """One request's drafter choice. `fastest_first()`: the source model names, cheapest
-    forward first (measured once per engine, when a step first needs it). A step speculates only while `load()` (requests
-    generating on the engine) is at most `max_requests` (config `fusion.speculative_max_requests`):
-    under load, plain proposals share each batched forward better (docs/speculative.md)."""
+    forward first (measured once per engine, when a step first needs it). A step speculates
+    only while `load()` (requests generating on the engine) is at most `max_requests` (config
+    `fusion.speculative_max_requests`): under load, plain proposals share each batched forward
+    better (docs/speculative.md)."""
 
     rule: str  # "fastest" | "winner" | a model name
     fastest_first: Callable[[], Sequence[str]]
