@@ -39,7 +39,8 @@ each model's batched forward (coolfusion.runtime.batched_runner) instead of foll
 another. The runs' states are made first (`_Request.open_walks`): the last run's opened at
 its first position, the others forked from it (`Worker.fork`: the KV of the common prefix
 copied), so each model prefills the text once, not once per run. A run's answers do not
-depend on which run walks them: a step's state holds exactly its prompt (and the greedy tokens known to follow it) whatever it held before. The states
+depend on which run walks them: a step's state holds exactly its prompt (and the greedy
+tokens known to follow it) whatever it held before. The states
 of every walk are closed before the Step is returned; `cancel` (the request timeout, a
 disconnect) is checked before each position of every run, and a failed run stops the others
 at their next position. `paths` counts how many positions each path answered (the

@@ -223,7 +223,7 @@ class LocalWorker:
                 if tok in self.text.end_ids:
                     text = self.text.decode(toks)
                     whole = not text.endswith(REPLACEMENT)
-                    prop = Proposal(_complete(text), True, len(toks) if whole else None, list(logps), end_id=tok)
+                    prop = Proposal(_complete(text), True, len(toks) if whole else None, logps, end_id=tok)
                     break
                 st.ids.append(tok)
             toks.append(tok)
@@ -236,9 +236,8 @@ class LocalWorker:
                     prop = Proposal(self.text.decode(toks[:n]), False, n, logps[:n], True, _starts(ends[:n]))
                 elif len(toks) >= max_tokens + 3:  # a character has at most 4 bytes: these never
                     # complete one (not UTF-8), so cut anyway; decode() made them U+FFFD
-                    prop = Proposal(self.text.decode(toks), False, len(toks), list(logps), True, _starts(ends))
-        logps += st.la_logprobs[len(toks):held]  # the lookahead past the cut stays lookahead
-        st.la_logprobs = logps
+                    prop = Proposal(self.text.decode(toks), False, len(toks), logps, True, _starts(ends))
+        st.la_logprobs = logps + st.la_logprobs[len(toks):held]  # the lookahead past the cut stays
         if not prop.eos:  # the whole decoded text is what a draft offers the other models
             full = _complete(self.text.decode(st.ids[base:]))
             prop = replace(prop, lookahead=full[len(prop.text):] if full.startswith(prop.text) else "")
